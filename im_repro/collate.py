@@ -56,17 +56,27 @@ class Collator:
             batch["example_index"][r, :n] = r
         return batch
 
-    def pack(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        rows: list[list[int]] = [[]]  # example indices per row, in order
-        used = 0
-        for k, e in enumerate(examples):
-            n = len(e["input_ids"])
-            if rows[-1] and self.max_row_tokens and used + n > self.max_row_tokens:
+    def bins(self, lengths: list[int]) -> tuple[list[list[int]], list[int]]:
+        """First-fit decreasing: the longest example opens a row, shorter ones fill the gaps of earlier rows.
+
+        Filling in arrival order leaves each row's tail empty whenever the next example does not fit; every filler
+        token still costs a full forward and backward, so the tighter bins are what make packing pay on CPU.
+        """
+        rows: list[list[int]] = []
+        used: list[int] = []
+        for k in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+            r = next((r for r, u in enumerate(used) if not self.max_row_tokens or u + lengths[k] <= self.max_row_tokens),
+                     len(rows))
+            if r == len(rows):
                 rows.append([])
-                used = 0
-            rows[-1].append(k)
-            used += n
-        width = max(sum(len(examples[k]["input_ids"]) for k in row) for row in rows)
+                used.append(0)
+            rows[r].append(k)
+            used[r] += lengths[k]
+        return rows, used
+
+    def pack(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        rows, used = self.bins([len(e["input_ids"]) for e in examples])
+        width = max(used)
         keys = ("input_ids", "position_ids", "labels", "loss_weights", "token_class", "example_index")
         out: dict[str, list[list]] = {key: [] for key in keys}
         for row in rows:

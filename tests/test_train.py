@@ -124,6 +124,13 @@ def loss_and_grads(model, batch, normalization, **kw):
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
+def test_packing_fills_gaps_first_fit_decreasing():
+    # In arrival order, 5 | 5+3 | 3 needs three rows of 8; filling gaps first needs two, with no filler at all.
+    rows, used = Collator(pad_token_id=0, packing=True, max_row_tokens=8).bins([5, 5, 3, 3])
+    assert rows == [[0, 2], [1, 3]] and used == [8, 8]
+    assert Collator(pad_token_id=0, packing=True).bins([2, 7, 4]) == ([[1, 2, 0]], [13])
+
+
 @pytest.mark.parametrize("normalization", ["per_token", "per_example"])
 @pytest.mark.parametrize("row_cap", [None, 60])  # one row, or two rows of which one ends in a padding segment
 def test_packed_loss_and_gradients_equal_padded(tiny_and_batch, normalization, row_cap):
