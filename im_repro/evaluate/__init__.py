@@ -1,0 +1,174 @@
+"""The eval stage: a checkpoint through the chosen suite, every number into `<run>/eval/metrics.json`.
+
+    im-repro stages=[eval] eval=smoke model.path=<checkpoint>
+    im-repro stages=[prepare,train,eval] eval=paper eval.only=[commonsense,humaneval]
+
+Each benchmark writes under its own folder of `<run>/eval/` (lm-eval's results and samples, generations, judge
+annotations) and is skipped on a re-run once finished (`force=true` re-runs it). Open-ended benchmarks resume:
+only missing generations and judgments are produced. A benchmark that cannot finish here (no judge key, code
+execution not opted in) is listed with its reason in `metrics.json` under `missing`, never given a number.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from im_repro.runs import StageOutput, write_json
+
+log = logging.getLogger("im_repro")
+OPEN_ENDED = ("humaneval", "alpaca_eval", "mt_bench")
+
+
+def suite(cfg) -> dict[str, dict]:
+    """Every benchmark the eval config enables: {name: {kind, category, higher_is_better, ...}}."""
+    e = cfg.eval
+    benchmarks = {
+        name: {"kind": "harness", "category": t.category, "higher_is_better": t.higher_is_better, "task": t.task,
+               "metric": t.metric, "num_fewshot": t.num_fewshot, "scale": t.scale}
+        for name, t in e.harness.tasks.items()
+    }
+    if e.humaneval.enabled:
+        benchmarks["humaneval"] = {"kind": "humaneval", "category": e.humaneval.category, "higher_is_better": True}
+    if e.alpaca_eval.enabled:
+        benchmarks["alpaca_eval"] = {"kind": "alpaca_eval", "category": "llm_judged", "higher_is_better": True}
+    if e.mt_bench.enabled:
+        benchmarks["mt_bench"] = {"kind": "mt_bench", "category": "llm_judged", "higher_is_better": True}
+    return benchmarks
+
+
+def select(benchmarks: dict[str, dict], only) -> dict[str, dict]:
+    """The benchmarks named in `eval.only` by name or category (all when unset); unknown names are an error."""
+    if not only:
+        return benchmarks
+    known = set(benchmarks) | {b["category"] for b in benchmarks.values()}
+    unknown = sorted(set(only) - known)
+    if unknown:
+        raise ValueError(f"eval.only={list(only)}: {unknown} is neither a benchmark nor a category of this suite; "
+                         f"choose from {sorted(known)}")
+    return {n: b for n, b in benchmarks.items() if n in only or b["category"] in only}
+
+
+def checkpoint(cfg, run_dir: Path) -> tuple[str, str]:
+    """(model, tokenizer) to evaluate: eval.checkpoint, else this run's trained model, else the base model."""
+    if cfg.eval.checkpoint:
+        return cfg.eval.checkpoint, cfg.eval.checkpoint
+    if StageOutput(run_dir / "train").complete:
+        final = str(run_dir / "train" / "final")
+        return final, final
+    tokenizer = cfg.model.tokenizer or cfg.model.path
+    if cfg.model.init == "pretrained":
+        return cfg.model.path, tokenizer
+    # An untrained random model: evaluated only as a smoke test of the pipeline, saved so every backend loads it.
+    from transformers import set_seed
+
+    from im_repro import model as model_lib
+
+    path = run_dir / "eval" / "random_init"
+    if not (path / "config.json").exists():
+        log.warning("eval: model.init=random and no trained checkpoint: evaluating the random initialisation")
+        set_seed(cfg.seed)
+        tok = model_lib.load_tokenizer(cfg.model)
+        model_lib.load_model(cfg.model, len(tok)).save_pretrained(str(path))
+        tok.save_pretrained(str(path))
+    return str(path), str(path)
+
+
+class LazyGenerator:
+    """Loads the model on the first generation, so a re-run with every generation cached loads nothing."""
+
+    def __init__(self, load):
+        self._load, self._generator = load, None
+
+    def __getattr__(self, name):
+        if self._generator is None:
+            self._generator = self._load()
+        return getattr(self._generator, name)
+
+
+def run(cfg, run_dir: Path) -> None:
+    from im_repro.evaluate import harness
+    from im_repro.evaluate.generate import Generator
+
+    out = StageOutput(run_dir / "eval")
+    chosen = select(suite(cfg), cfg.eval.only)
+    if out.complete and not cfg.force and set(chosen) <= set(json.loads(out.marker.read_text())["benchmarks"]):
+        log.info("eval: complete in %s, skipping (force=true re-runs it)", out.path)
+        return
+    out.path.mkdir(parents=True, exist_ok=True)
+    model_path, tokenizer_path = checkpoint(cfg, run_dir)
+    log.info("eval: %s on %d benchmarks: %s", model_path, len(chosen), ", ".join(chosen))
+    write_json(out.path / "suite.json", {"suite": cfg.eval.name, "checkpoint": model_path, "benchmarks": chosen})
+
+    metrics: dict[str, float] = {}
+    lm = None
+    names = [n for n, b in chosen.items() if b["kind"] == "harness"]
+    if names:
+        todo = [n for n in names if cfg.force or not StageOutput(out.path / "lm_eval" / n).complete]
+        lm = harness.load_lm(cfg, model_path, tokenizer_path) if todo else None
+        metrics |= harness.run(cfg, lm, names, out.path / "lm_eval", seed=cfg.seed, force=cfg.force)
+
+    if int(os.environ.get("RANK", 0)) == 0:  # generation runs in one process; lm-eval alone is data-parallel
+        def load_generator():
+            if lm is not None and hasattr(lm, "model"):  # the HF model lm-eval already holds
+                return Generator(lm.model, lm.tokenizer, cfg.eval.generation_batch_size)
+            return Generator(*load_for_generation(cfg, model_path, tokenizer_path), cfg.eval.generation_batch_size)
+
+        generator = LazyGenerator(load_generator)
+        template = getattr(cfg.prepare.template, "value", cfg.prepare.template)
+        e, name = cfg.eval, Path(model_path).name
+        if "humaneval" in chosen:
+            from im_repro.evaluate import humaneval
+
+            metrics |= humaneval.run(e.humaneval, generator, out.path / "humaneval", seed=cfg.seed)
+        if "alpaca_eval" in chosen:
+            from im_repro.evaluate import alpaca
+
+            metrics |= alpaca.run(e.alpaca_eval, generator, generator.tokenizer, template, out.path / "alpaca_eval",
+                                  model_name=name)
+        if "mt_bench" in chosen:
+            from im_repro.evaluate import mtbench
+
+            metrics |= mtbench.run(e.mt_bench, generator, generator.tokenizer, template, out.path / "mt_bench",
+                                   model_name=name)
+        missing = missing_reasons(cfg, chosen, metrics, out.path)
+        write_json(out.path / "metrics.json", {**metrics, "missing": missing})
+        if not missing:
+            out.finish({"benchmarks": sorted(chosen), "checkpoint": model_path})
+        else:
+            log.warning("eval: no result for %s (see %s)", ", ".join(missing), out.path / "metrics.json")
+
+
+def load_for_generation(cfg, model_path: str, tokenizer_path: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype)).to(device)
+    return model.eval(), tokenizer
+
+
+def headline_keys(name: str, cfg) -> list[str]:
+    """The metrics a benchmark must produce to count as done (a partial result, say no win rate, is not)."""
+    if name == "humaneval":
+        return ["humaneval/pass@1"]
+    if name == "alpaca_eval":
+        return [f"alpaca_eval_{v}/win_rate" for v in cfg.eval.alpaca_eval.versions]
+    if name == "mt_bench":
+        return ["mt_bench/score"]
+    return [name]
+
+
+def missing_reasons(cfg, chosen: dict, metrics: dict, eval_dir: Path) -> dict[str, str]:
+    """Why a chosen benchmark has no number: the reason its own folder recorded, or 'no result'."""
+    missing = {}
+    for name in chosen:
+        absent = [key for key in headline_keys(name, cfg) if key not in metrics]
+        if absent:
+            own = eval_dir / name / "metrics.json"
+            reasons = json.loads(own.read_text()).get("missing") if own.exists() else None
+            missing[name] = json.dumps(reasons) if reasons else f"no result for {', '.join(absent)}"
+    return missing

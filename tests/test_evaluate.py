@@ -1,0 +1,141 @@
+"""The eval stage: suites as configs, lm-eval on the real offline benchmark data, skip-on-rerun, missing reasons."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf, open_dict
+
+from im_repro import evaluate
+from im_repro.config import HarnessTask
+from im_repro.evaluate import harness
+from tests.conftest import compose_with
+
+OFFLINE = ["model=tiny", "eval=smoke"]
+
+
+def run_eval(tmp_path: Path, *overrides: str, tasks: dict | None = None) -> dict:
+    cfg = compose_with(*OFFLINE, *overrides)
+    with open_dict(cfg):
+        for name, task in (tasks or {}).items():
+            cfg.eval.harness.tasks[name] = HarnessTask(**task)
+    evaluate.run(cfg, tmp_path)
+    return json.loads((tmp_path / "eval" / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("suite", ["paper", "paper_text"])
+def test_paper_suites_name_real_lm_eval_tasks(suite):
+    from lm_eval.tasks import TaskManager
+
+    cfg = compose_with(f"eval={suite}")
+    index = TaskManager()._index
+    tasks = cfg.eval.harness.tasks
+    assert not [t.task for t in tasks.values() if t.task not in index]
+    categories = {t.category for t in tasks.values()}
+    assert categories == {"knowledge", "multilinguality", "commonsense", "math_coding", "bbh", "safety"}
+    benchmarks = evaluate.suite(cfg)
+    # The code's 17 NLP entries (16 through lm-eval + HumanEval), the text's 18 (WMT14 and WMT16 apart), then
+    # AlpacaEval (1.0 and 2.0 in one benchmark) and MT-Bench
+    assert len(benchmarks) == (19 if suite == "paper" else 20)
+    assert {"humaneval", "alpaca_eval", "mt_bench"} <= set(benchmarks)
+
+
+def test_code_and_text_variants_differ_where_the_paper_does():
+    code, text = (compose_with(f"eval={s}").eval.harness.tasks for s in ("paper", "paper_text"))
+    assert (code.bbh.task, code.bbh.num_fewshot) == ("bbh_cot_fewshot", None)
+    assert (text.bbh.task, text.bbh.num_fewshot) == ("bbh_zeroshot", 0)
+    assert code.wmt.scale == 0.01 and code.wmt.higher_is_better  # the released code's TER / 100 "accuracy"
+    assert not text.wmt.higher_is_better and not text.wmt16.higher_is_better
+
+
+def test_select_by_name_and_category():
+    benchmarks = evaluate.suite(compose_with("eval=paper"))
+    assert set(evaluate.select(benchmarks, ["commonsense"])) == {"wsc273", "winogrande", "arc", "coqa"}
+    assert set(evaluate.select(benchmarks, ["arc", "humaneval"])) == {"arc", "humaneval"}
+    assert evaluate.select(benchmarks, None) == benchmarks
+    with pytest.raises(ValueError, match=r"\['arcc'\] is neither a benchmark nor a category"):
+        evaluate.select(benchmarks, ["arcc"])
+
+
+def test_local_task_yaml_swaps_only_the_data_source(tmp_path):
+    spec = OmegaConf.create({"task": "mmlu_anatomy", "dataset_path": "arrow",
+                             "data_files": {"test": "t.arrow", "dev": "d.arrow"}})
+    config = harness.local_task_yaml("anatomy", spec, Path("/x/mmlu_anatomy.yaml"))
+    assert config["include"] == "/x/mmlu_anatomy.yaml" and config["task"] == "anatomy_local"
+    assert (config["test_split"], config["validation_split"], config["training_split"]) == ("test", None, None)
+    assert config["fewshot_split"] == "dev"
+    with pytest.raises(ValueError, match=r"data_files: unknown splits \['valid'\]"):
+        harness.local_task_yaml("x", OmegaConf.create({**spec, "data_files": {"valid": "v"}}), Path("y"))
+
+
+def test_score_reads_the_metric_and_averages_tags():
+    spec = OmegaConf.create({"task": "ai2_arc", "metric": "acc_norm,none", "scale": 1.0, "data_files": None})
+    # lm-eval >= 0.4.5 reports a tag's members only
+    results = {"results": {"arc_easy": {"acc_norm,none": 0.5}, "arc_challenge": {"acc_norm,none": 0.25}}}
+    assert harness.score(results, "arc", spec) == pytest.approx(37.5)
+    results["results"]["ai2_arc"] = {"acc_norm,none": 0.4}  # a real group's aggregate wins
+    assert harness.score(results, "arc", spec) == pytest.approx(40.0)
+    ter = OmegaConf.create({"task": "wmt", "metric": "ter,none", "scale": 0.01, "data_files": None})
+    assert harness.score({"results": {"wmt": {"ter,none": 80.0}}}, "wmt", ter) == pytest.approx(80.0)
+    with pytest.raises(KeyError, match="no metric 'acc,none'"):
+        harness.score(results, "arc", OmegaConf.create({**spec, "metric": "acc,none"}))
+
+
+def test_smoke_suite_on_real_offline_data_then_skips(tmp_path, monkeypatch):
+    only = "eval.only=[arc_easy,arc_challenge,hellaswag,mmlu_high_school_geography]"
+    metrics = run_eval(tmp_path, only, "eval.harness.limit=4")
+    assert set(metrics) == {"arc_easy", "arc_challenge", "hellaswag", "mmlu_high_school_geography", "missing"}
+    assert metrics["missing"] == {}
+    assert all(0 <= metrics[k] <= 100 for k in metrics if k != "missing")
+    arc = tmp_path / "eval" / "lm_eval" / "arc_easy"
+    results = json.loads((arc / "results.json").read_text())
+    assert results["n-samples"]["arc_easy_local"]["effective"] == 4
+    assert results["results"]["arc_easy_local"]["acc_norm,none"] * 100 == pytest.approx(metrics["arc_easy"])
+    assert len((arc / "samples_arc_easy_local.jsonl").read_text().splitlines()) == 4
+    assert (tmp_path / "eval" / "random_init" / "config.json").exists()  # the untrained tiny model, saved
+
+    def no_model(*_, **__):
+        raise AssertionError("a finished suite must not load the model again")
+
+    monkeypatch.setattr(harness, "load_lm", no_model)
+    assert run_eval(tmp_path, only, "eval.harness.limit=4") == metrics
+
+
+def test_generation_task_on_local_files_in_the_real_schema(tmp_path):
+    # GSM8K is not available offline: the paper's gsm8k_cot task on a file in GSM8K's own schema
+    problems = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+                 "answer": f"He has {a} + {b} = {a + b} apples.\n#### {a + b}"} for a, b in [(2, 3), (4, 5), (1, 6)]]
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    run_dir = tmp_path / "run"
+    task = {"task": "gsm8k_cot", "metric": "exact_match,flexible-extract", "category": "math_coding",
+            "num_fewshot": 2, "dataset_path": "json", "data_files": {"test": str(data), "train": str(data)}}
+    metrics = run_eval(run_dir, "eval.only=[gsm8k]", "eval.harness.limit=2", tasks={"gsm8k": task})
+    assert 0 <= metrics["gsm8k"] <= 100
+    rows = [json.loads(x) for x in (run_dir / "eval/lm_eval/gsm8k/samples_gsm8k_local.jsonl").read_text().splitlines()]
+    assert {r["doc_id"] for r in rows} == {0, 1} and {r["filter"] for r in rows} == {"strict-match", "flexible-extract"}
+    assert rows[0]["doc"]["question"] == problems[0]["question"]
+    assert rows[0]["arguments"][0][0].count("Q: Tom has") == 3  # two shots drawn from the file, then the question
+
+
+def test_missing_data_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"eval.harness.tasks.arc_easy.data_files: /nope.arrow"):
+        run_eval(tmp_path, "eval.only=[arc_easy]", "eval.harness.tasks.arc_easy.data_files={validation: /nope.arrow}")
+
+
+@pytest.mark.slow
+def test_smoke_suite_with_smollm2(tmp_path):
+    metrics = run_eval(tmp_path, "model=smollm2", "eval.harness.limit=20", "eval.harness.tasks.nq_open.limit=10")
+    assert metrics["missing"] == {}
+    # SmolLM2-135M-Instruct is a real model: it beats chance (25%) on ARC-Easy's 20 first questions
+    assert metrics["arc_easy"] > 25
+
+
+def test_code_execution_is_opt_in_and_reported_missing(tmp_path):
+    metrics = run_eval(tmp_path, "eval.only=[humaneval]", "eval.humaneval.enabled=true", "eval.humaneval.limit=1",
+                       "eval.humaneval.n=1", "eval.humaneval.temperatures=[0.1]", "eval.humaneval.max_new_tokens=4")
+    assert "humaneval/pass@1" not in metrics and "execute" in metrics["missing"]["humaneval"]
+    assert (tmp_path / "eval" / "humaneval" / "samples_t0.1.jsonl").exists()  # generation still ran
+    assert not (tmp_path / "eval" / "_COMPLETE").exists()  # an incomplete suite is never marked done

