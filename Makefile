@@ -11,7 +11,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= true
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-slow test-all bench-prepare bench-train inspect-demo clean
+.PHONY: help setup demo test test-slow test-slurm test-all bench-prepare bench-train inspect-demo clean
 # The paper's LIMA file when ../shared is beside the checkout; otherwise data=lima downloads it.
 LIMA := $(wildcard ../shared/data/paper/lima_data.jsonl)
 DATA_PATH := $(if $(LIMA),data.path=$(abspath $(LIMA)),)
@@ -24,7 +24,7 @@ setup: $(STAMP) $(ARTIFACTS)  ## create .venv with the CPU pins and build the of
 $(STAMP): pyproject.toml constraints-cpu.txt requirements-offline.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[test,slurm]'
 	$(PY) -m pip install -q --no-deps -r requirements-offline.txt
 	touch $@
 
@@ -36,14 +36,17 @@ demo: setup  ## the main job on a CPU-sized default (today: IT vs IM through the
 	$(PY) -m im_repro -m experiment=demo $(DATA_PATH)
 	$(PY) scripts/summarize_prepare.py runs/demo
 
-test: setup  ## run the default test suite (slow tests excluded)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+test: setup  ## run the default test suite (slow and SLURM tests excluded)
+	$(PY) -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
 
-test-slow: setup  ## run only the slow tests (SmolLM2 fine-tuning, DeepSpeed on CPU)
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+test-slow: setup  ## run only the slow tests (SmolLM2 fine-tuning and evaluation, DeepSpeed on CPU)
+	$(PY) -m pytest -m "slow and not slurm" $(PYTEST_ARGS)
 
-test-all: setup  ## run every test, slow ones included
-	$(PY) -m pytest $(PYTEST_ARGS)
+test-slurm: setup  ## the real SLURM test: starts (as root) and stops a one-node local cluster if none answers
+	$(PY) -m pytest -m slurm -rs $(PYTEST_ARGS) tests/test_slurm.py
+
+test-all: setup  ## run every test except the SLURM one (make test-slurm)
+	$(PY) -m pytest -m "not slurm" $(PYTEST_ARGS)
 
 bench-prepare: setup  ## time masking against bare tokenization and the paper's prefix re-tokenization
 	$(PY) scripts/bench_prepare.py
