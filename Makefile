@@ -17,7 +17,7 @@ LIMA := $(wildcard ../shared/data/paper/lima_data.jsonl)
 DATA_PATH := $(if $(LIMA),data.path=$(abspath $(LIMA)),)
 
 help:  ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_%-][a-zA-Z0-9_% -]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
 setup: $(STAMP) $(ARTIFACTS)  ## create .venv with the CPU pins and build the offline artifacts (idempotent)
 
@@ -32,9 +32,26 @@ $(ARTIFACTS): $(STAMP) scripts/fetch_artifacts.py
 	$(PY) scripts/fetch_artifacts.py
 	touch $@
 
-demo: setup  ## the main job on a CPU-sized default (today: IT vs IM through the prepare stage)
+demo: setup  ## the main job on a CPU-sized default: IT vs IM on SmolLM2-135M, train, eval, report (results/demo/)
+	$(PY) scripts/demo_prompts.py $(or $(LIMA),$(error the demo reads ../shared/data/paper/lima_data.jsonl)) \
+		runs/demo/alpaca_prompts.json --skip 200
 	$(PY) -m im_repro -m experiment=demo $(DATA_PATH)
-	$(PY) scripts/summarize_prepare.py runs/demo
+	$(PY) -m im_repro.report experiment=demo
+
+# make reproduce-table-1 [LAUNCHER=slurm] [ARGS="..."]: the experiment's Hydra multirun, then its report.
+# DRY_RUN=1 prints the job plan (runs, stages, resources, GPU-hours) and runs nothing.
+LAUNCHER ?= local
+ARGS ?=
+LAUNCH := $(if $(filter slurm,$(LAUNCHER)),hydra/launcher=slurm,)
+EXPERIMENTS := table1 table2 table3 table4 table5 figure2 figure3
+reproduce-table-7: reproduce-table-3  ## Table 7 is Table 3's KL sweep
+	@:
+reproduce-figure-8 reproduce-figure-9: reproduce-figure-3  ## Figures 8 and 9 are Figure 3's loss analyses
+	@:
+reproduce-%: setup  ## reproduce-table-1 ... reproduce-table-5, reproduce-figure-2, reproduce-figure-3
+	$(if $(filter $(subst -,,$*),$(EXPERIMENTS)),,$(error no experiment $(subst -,,$*); have $(EXPERIMENTS)))
+	$(PY) -m im_repro -m experiment=$(subst -,,$*) $(if $(DRY_RUN),dry_run=true,$(LAUNCH)) $(ARGS)
+	$(if $(DRY_RUN),,$(PY) -m im_repro.report experiment=$(subst -,,$*) $(ARGS))
 
 test: setup  ## run the default test suite (slow and SLURM tests excluded)
 	$(PY) -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)

@@ -227,6 +227,49 @@ class EvalConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    """The overfitting analyses of PAPER.md §4.3: per-example output loss, and BLEU memorisation of training outputs."""
+
+    heldout: DataConfig = field(default_factory=DataConfig)  # the test set (Tulu V2) for the loss analysis
+    heldout_fraction: float = 0.1  # the paper's 10% sample
+    heldout_sampling: str = "random"  # random (seeded) | first_per_source (the released code's first 10% per source)
+    loss_limit: Optional[int] = None  # examples per split (None: all)
+    memorization_limit: Optional[int] = None  # training instructions answered for BLEU (None: all)
+    max_new_tokens: int = 512
+    batch_size: int = 8
+
+
+@dataclass
+class ReportConfig:
+    """What the report stage builds from the finished runs of `experiment`, and where."""
+
+    tables: list[str] = field(default_factory=list)  # table1 | table2 | table3 | table4 | table5 | losses
+    figures: list[str] = field(default_factory=list)  # figure2_ratio | figure2_size | loss_histograms | curves
+    baseline: str = "it"  # the loss deltas are taken against
+    label: str = ""  # printed above every table, e.g. "CPU demo: not a reproduction"
+    output_dir: str = "results/${experiment}"
+
+
+@dataclass
+class StageResources:
+    gpus: int = 0  # per node
+    nodes: int = 1
+    cpus: int = 4
+    mem_gb: int = 16
+    hours: float = 1.0  # wall-clock limit asked for
+
+
+@dataclass
+class LaunchConfig:
+    resources: dict[str, StageResources] = field(default_factory=dict)
+    gpu_peak_tflops: float = 312.0
+    utilisation: float = 0.4
+    tokens_per_example: int = 800
+    accelerate_config: Optional[str] = None
+    main_process_port: int = 29500
+
+
+@dataclass
 class Config:
     data: DataConfig = MISSING
     model: ModelConfig = MISSING
@@ -234,7 +277,12 @@ class Config:
     train: TrainConfig = MISSING
     eval: EvalConfig = MISSING
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     stages: list[str] = field(default_factory=lambda: ["prepare"])
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    dry_run: bool = False  # print the job plan (runs, stages, resources, GPU-hours) and submit nothing
+    method: str = "${loss.name}"  # the run's label in tables and its directory: it, im, neftune, im_neftune, kl...
     seed: int = 42
     force: bool = False  # re-run stages whose outputs are already complete
     experiment: str = "default"

@@ -55,8 +55,13 @@ def encode_columns(batch: dict, tokenizer, loss: str, template: str, max_seq_len
     return out
 
 
+# Bump whenever what `encode_columns` writes changes (a column added, a count redefined): older cache entries
+# then miss instead of being served to code that expects the new layout.
+CACHE_FORMAT = 2
+
+
 def cache_key(examples: list[dict], tokenizer, cfg) -> str:
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"format {CACHE_FORMAT}".encode())
     for ex in examples:
         h.update(json.dumps(ex, sort_keys=True, ensure_ascii=False).encode())
         h.update(b"\n")

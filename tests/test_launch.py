@@ -1,0 +1,84 @@
+"""Job plans (dry runs) of the experiments, `make reproduce-*` expansions, and the multi-node accelerate command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from im_repro import launch
+from tests.conftest import REPO, compose_with
+
+TABLE1_DATA = {"lima", "less_mmlu_chat", "less_bbh_icl", "less_tydiqa", "alpagasus_3k_dolly", "alpagasus_9k_dolly",
+               "alpagasus_claude_t45_alpaca"}
+
+
+def dry_run(tmp_path: Path, *overrides: str) -> list[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "im_repro", "-m", *overrides, "dry_run=true",
+                          f"runs_dir={tmp_path}"], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.splitlines()
+
+
+def test_table1_dry_run_lists_the_papers_jobs(tmp_path):
+    lines = dry_run(tmp_path, "experiment=table1")
+    jobs = [line.split() for line in lines[1:] if "__llama2_7b__" in line]
+    runs = {tuple(j[0].split("__")[:3]) for j in jobs}
+    assert runs == {(d, "llama2_7b", m) for d in TABLE1_DATA for m in ("it", "neftune", "im")}
+    assert Counter(j[1] for j in jobs) == {"prepare": 21, "train": 21, "eval": 21}
+    train = next(j for j in jobs if j[1] == "train")
+    assert train[2] == "prepare" and train[3:6] == ["1", "x", "4"]  # waits for prepare; 4 GPUs (the paper's)
+    assert any(line.startswith("report table1") and "after the 21 runs" in line for line in lines)
+    assert "21 runs, 64 jobs" in lines[-1]
+    assert not list(tmp_path.glob("table1/*/manifest.json"))  # nothing ran
+
+
+def test_dry_run_marks_finished_stages_and_estimates_gpu_hours(tmp_path):
+    run = tmp_path / "x" / "lima__tiny__im__seed42"
+    (run / "prepare").mkdir(parents=True)
+    (run / "prepare" / "_COMPLETE").write_text("{}")
+    (run / "prepare" / "data_stats.json").write_text('{"tokenization": {"tokens": {"total": 1000000}}}')
+    cfg = compose_with("model=llama2_7b", "stages=[prepare,train,eval]", "experiment=x", "train.epochs=2")
+    plan = launch.plan(cfg, run)
+    prepare, train, _ = plan["stages"]
+    assert prepare["complete"] and not train["complete"]
+    # 6 x 6.74e9 params x 1e6 tokens x 2 epochs at 40% of 312 TFLOP/s
+    assert train["gpu_hours"] == pytest.approx(6 * 6.74e9 * 1e6 * 2 / (312e12 * 0.4) / 3600)
+    assert train["basis"] == "prepared"
+    assert "report" not in launch.format_plan([plan]).split("\n")[-2]  # no report tables asked for: no report job
+
+
+@pytest.mark.parametrize("experiment", ["table1", "table2", "table3", "table4", "table5", "figure2", "figure3", "demo"])
+def test_every_experiment_composes_with_a_sweep_and_a_report(experiment):
+    cfg = compose_with(f"experiment={experiment}", hydra=True)
+    assert cfg.experiment == experiment and cfg.hydra.sweeper.params
+    assert cfg.report.tables or cfg.report.figures
+    assert all(stage in cfg.launch.resources for stage in cfg.stages)
+
+
+def test_reproduce_targets_expand_to_the_experiment_and_its_report():
+    def make(*args):
+        return subprocess.run(["make", "-n", *args], capture_output=True, text=True, cwd=REPO).stdout
+
+    assert "-m im_repro -m experiment=table2 dry_run=true" in make("reproduce-table-2", "DRY_RUN=1")
+    out = make("reproduce-table-7", "LAUNCHER=slurm")
+    assert "experiment=table3 hydra/launcher=slurm" in out and "im_repro.report experiment=table3" in out
+
+
+def test_accelerate_command_for_one_node_of_a_multi_node_job():
+    cfg = compose_with("launch.accelerate_config=conf/accelerate/multi_node_zero3.yaml")
+    env = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_GPUS_ON_NODE": "8",
+           "SLURM_JOB_NODELIST": "gpu03"}
+    command = launch.accelerate_command(cfg, env, ["stages=[train]"])
+    flags = dict(zip(command[3:-3:2], command[4:-3:2]))
+    assert flags == {"--config_file": "conf/accelerate/multi_node_zero3.yaml", "--num_machines": "2",
+                     "--num_processes": "16", "--machine_rank": "1", "--main_process_ip": "gpu03",
+                     "--main_process_port": "29500"}
+    assert command[-3:] == ["-m", "im_repro", "stages=[train]"]
+    assert launch.accelerate_command(cfg, {**env, "LOCAL_RANK": "0"}, []) is None  # already under accelerate
+    assert launch.accelerate_command(compose_with(), env, []) is None  # not configured
