@@ -42,16 +42,26 @@ demo: setup  ## the main job on a CPU-sized default: IT vs IM on SmolLM2-135M, t
 # DRY_RUN=1 prints the job plan (runs, stages, resources, GPU-hours) and runs nothing.
 LAUNCHER ?= local
 ARGS ?=
-LAUNCH := $(if $(filter slurm,$(LAUNCHER)),hydra/launcher=slurm,)
 EXPERIMENTS := table1 table2 table3 table4 table5 figure2 figure3
 reproduce-table-7: reproduce-table-3  ## Table 7 is Table 3's KL sweep
 	@:
 reproduce-figure-8 reproduce-figure-9: reproduce-figure-3  ## Figures 8 and 9 are Figure 3's loss analyses
 	@:
+# On SLURM the sweep runs in two phases, each a job array with its own resources (conf/launch/default.yaml):
+# prepare + train on the training GPUs, then eval / loss / memorization on fewer; the report runs last.
+sweep = $(PY) -m im_repro -m experiment=$(1) $(2) $(ARGS)
 reproduce-%: setup  ## reproduce-table-1 ... reproduce-table-5, reproduce-figure-2, reproduce-figure-3
 	$(if $(filter $(subst -,,$*),$(EXPERIMENTS)),,$(error no experiment $(subst -,,$*); have $(EXPERIMENTS)))
-	$(PY) -m im_repro -m experiment=$(subst -,,$*) $(if $(DRY_RUN),dry_run=true,$(LAUNCH)) $(ARGS)
-	$(if $(DRY_RUN),,$(PY) -m im_repro.report experiment=$(subst -,,$*) $(ARGS))
+ifdef DRY_RUN
+	$(call sweep,$(subst -,,$*),dry_run=true)
+else ifeq ($(LAUNCHER),slurm)
+	$(call sweep,$(subst -,,$*),hydra/launcher=slurm launch.phase=train)
+	$(call sweep,$(subst -,,$*),hydra/launcher=slurm launch.phase=eval)
+	$(PY) -m im_repro.report experiment=$(subst -,,$*) $(ARGS)
+else
+	$(call sweep,$(subst -,,$*),)
+	$(PY) -m im_repro.report experiment=$(subst -,,$*) $(ARGS)
+endif
 
 test: setup  ## run the default test suite (slow and SLURM tests excluded)
 	$(PY) -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)

@@ -262,6 +262,9 @@ class StageResources:
 @dataclass
 class LaunchConfig:
     resources: dict[str, StageResources] = field(default_factory=dict)
+    # phase=train runs only the stages listed under `train` (with their resources), phase=eval the rest; None: all
+    phase: Optional[str] = None
+    phases: dict[str, list[str]] = field(default_factory=dict)
     gpu_peak_tflops: float = 312.0
     utilisation: float = 0.4
     tokens_per_example: int = 800

@@ -24,6 +24,15 @@ from im_repro.runs import StageOutput
 OUTPUTS = {"prepare": "prepare", "train": "train", "eval": "eval", "loss": "loss", "memorization": "memorization"}
 
 
+def stages_of(cfg) -> list[str]:
+    """The stages this job runs: all of `stages`, or those of `launch.phase` (a SLURM phase with its resources)."""
+    if cfg.launch.phase is None:
+        return list(cfg.stages)
+    if cfg.launch.phase not in cfg.launch.phases:
+        raise ValueError(f"launch.phase={cfg.launch.phase!r}: choose from {list(cfg.launch.phases)}")
+    return [s for s in cfg.stages if s in cfg.launch.phases[cfg.launch.phase]]
+
+
 def train_tokens(cfg, run_dir: Path) -> tuple[float, str]:
     """Tokens one epoch trains on: counted by prepare when it ran, else examples x an assumed length."""
     stats = run_dir / "prepare" / "data_stats.json"

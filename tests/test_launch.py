@@ -66,8 +66,9 @@ def test_reproduce_targets_expand_to_the_experiment_and_its_report():
         return subprocess.run(["make", "-n", *args], capture_output=True, text=True, cwd=REPO).stdout
 
     assert "-m im_repro -m experiment=table2 dry_run=true" in make("reproduce-table-2", "DRY_RUN=1")
-    out = make("reproduce-table-7", "LAUNCHER=slurm")
-    assert "experiment=table3 hydra/launcher=slurm" in out and "im_repro.report experiment=table3" in out
+    out = make("reproduce-table-7", "LAUNCHER=slurm")  # Table 7 is Table 3's sweep, in a train then an eval phase
+    assert "experiment=table3 hydra/launcher=slurm launch.phase=train" in out
+    assert out.index("launch.phase=train") < out.index("launch.phase=eval") < out.index("report experiment=table3")
 
 
 def test_accelerate_command_for_one_node_of_a_multi_node_job():
@@ -82,3 +83,14 @@ def test_accelerate_command_for_one_node_of_a_multi_node_job():
     assert command[-3:] == ["-m", "im_repro", "stages=[train]"]
     assert launch.accelerate_command(cfg, {**env, "LOCAL_RANK": "0"}, []) is None  # already under accelerate
     assert launch.accelerate_command(compose_with(), env, []) is None  # not configured
+
+
+def test_slurm_phases_run_their_stages_on_their_resources():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[slurm]'")
+    for phase, gpus, minutes in (("train", 4, 1440), ("eval", 1, 720)):
+        cfg = compose_with("hydra/launcher=slurm", f"launch.phase={phase}", hydra=True)
+        assert (cfg.hydra.launcher.gpus_per_node, cfg.hydra.launcher.timeout_min) == (gpus, minutes)
+    cfg = compose_with("stages=[prepare,train,eval,memorization]", "launch.phase=eval")
+    assert launch.stages_of(cfg) == ["eval", "memorization"]
+    with pytest.raises(ValueError, match="launch.phase='test'"):
+        launch.stages_of(compose_with("launch.phase=test"))
