@@ -1,0 +1,250 @@
+"""The report stage on synthetic run directories: Table 1's numbers by hand, deltas, the paper beside ours, the
+reasons for missing cells, provenance, Table 5 against the paper's LIMA row, and figures drawn only from data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from im_repro import report
+from im_repro.config import ReportConfig
+
+MODEL = "llama2_7b"
+# The eval suite: benchmark -> Table 1 category, as eval/suite.json records it.
+SUITE = {
+    "mmlu": "knowledge", "piqa": "knowledge", "lambada_multilingual": "multilinguality", "wmt": "multilinguality",
+    "arc": "commonsense", "gsm8k": "math_coding", "humaneval": "math_coding", "bbh": "bbh",
+    "truthfulqa": "safety", "toxigen": "safety", "alpaca_eval": "llm_judged", "mt_bench": "llm_judged",
+}
+# IT's scores. Category means by hand: knowledge (60+70)/2 = 65, multilinguality (50+70)/2 = 60, commonsense 70,
+# math_coding (10+20)/2 = 15, bbh 40, safety (40+50)/2 = 45; Mean = 295/6 = 49.1666...
+IT_SCORES = {
+    "mmlu": 60.0, "piqa": 70.0, "lambada_multilingual": 50.0, "wmt": 70.0, "arc": 70.0, "gsm8k": 10.0,
+    "humaneval/pass@1": 20.0, "bbh": 40.0, "truthfulqa": 40.0, "toxigen": 50.0,
+    "mt_bench/score": 5.0, "alpaca_eval_1.0/win_rate": 30.0, "alpaca_eval_2.0/win_rate": 2.5,
+}
+# IM: every NLP score one point up (so every category and the Mean +1), MT-Bench +0.5, AlpacaEval +3 and +0.5.
+IM_SCORES = {k: v + 1 for k, v in IT_SCORES.items()} | {
+    "mt_bench/score": 5.5, "alpaca_eval_1.0/win_rate": 33.0, "alpaca_eval_2.0/win_rate": 3.0,
+}
+NO_JUDGE = "not judged: OPENAI_API_KEY is not set"
+OOM = "RuntimeError('CUDA out of memory')"
+# The paper's Table 5 LIMA row as prepare's length_stats would hold it.
+LIMA_STATS = {"size": 1030, "total": 484.47, "output": 442.75, "output_std": 491.34, "instruction": 41.72,
+              "instruction_std": 79.28, "output_over_instruction": 10.6124, "instruction_over_output": 0.0942}
+DOLLY_STATS = {"size": 2996, "total": 111.91, "output": 68.08, "output_std": 106.38, "instruction": 43.83,
+               "instruction_std": 107.53, "output_over_instruction": 1.553, "instruction_over_output": 0.6439}
+
+
+def write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def make_run(root: Path, dataset: str, loss: str, *, scores: dict | None = None, missing: dict | None = None,
+             failed: str | None = None, stats: dict | None = None, curve: bool = False) -> Path:
+    """A run directory as the pipeline leaves it: manifest, prepare stats, train log, eval metrics and suite."""
+    run = root / f"{dataset}__{MODEL}__{loss}__seed42"
+    stages = {"prepare": {"status": "done"}, "train": {"status": "failed", "error": failed} if failed
+              else {"status": "done"}}
+    if scores is not None:
+        stages["eval"] = {"status": "done"}
+    write(run / "manifest.json", {
+        "status": "failed" if failed else "done",
+        "overrides": [f"data={dataset}", f"method={loss}", "experiment=synth"],
+        "config": {"data": {"name": dataset, "limit": None}, "model": {"name": MODEL},
+                   "loss": {"name": loss, "mode": loss}, "train": {"neftune_alpha": None, "kl": {"mode": "none"}},
+                   "seed": 42, "experiment": "synth", "stages": ["prepare", "train", "eval"]},
+        "git": {"commit": "0123456789abcdef", "dirty": True},
+        "packages": {"torch": "2.13.0+cpu", "transformers": "5.23.0", "lm-eval": "0.4.13"},
+        "stages": stages,
+    })
+    write(run / "prepare" / "data_stats.json", {"length_stats": stats or LIMA_STATS})
+    if curve:
+        records = [{"step": s, "epoch": s / 4, "loss": 2.0 - s / 10, "output_loss": 2.0 - s / 10,
+                    "instruction_loss": 3.0 - s / 5 if loss == "im" else 3.0} for s in range(1, 5)]
+        (run / "train").mkdir(parents=True)
+        (run / "train" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if scores is not None:
+        write(run / "eval" / "metrics.json", {**scores, "missing": missing or {}})
+        write(run / "eval" / "suite.json", {"suite": "paper", "checkpoint": str(run / "train" / "final"),
+                                            "benchmarks": {b: {"kind": "harness", "category": c,
+                                                               "higher_is_better": True}
+                                                           for b, c in SUITE.items()}})
+    return run
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    """2 datasets x IT / IM: Dolly IT without AlpacaEval (no judge), Dolly IM failed in training."""
+    root = tmp_path / "runs" / "synth"
+    make_run(root, "lima", "it", scores=IT_SCORES, curve=True)
+    make_run(root, "lima", "im", scores=IM_SCORES, curve=True)
+    no_ae = {k: v for k, v in IT_SCORES.items() if not k.startswith("alpaca_eval")}
+    reasons = {f"alpaca_eval_{v}/win_rate": NO_JUDGE for v in ("1.0", "2.0")}
+    make_run(root, "alpagasus_3k_dolly", "it", scores=no_ae, missing={"alpaca_eval": json.dumps(reasons)},
+             stats=DOLLY_STATS)
+    make_run(root, "alpagasus_3k_dolly", "im", failed=OOM, stats=DOLLY_STATS)
+    (root / "not_a_run").mkdir()  # e.g. Hydra's own folders: no manifest.json, ignored
+    return tmp_path
+
+
+def report_cfg(tmp_path: Path, **fields):
+    return OmegaConf.create({"runs_dir": str(tmp_path / "runs"), "experiment": "synth",
+                             "report": OmegaConf.structured(ReportConfig(output_dir=str(tmp_path / "out"), **fields))})
+
+
+def table_lines(text: str, prefix: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(prefix)]
+
+
+def read_csv(path: Path) -> list[dict]:
+    return list(csv.DictReader(line for line in path.read_text().splitlines() if not line.startswith("#")))
+
+
+# Hand-computed: ours (difference from IT) on the "ours" line; the paper's LIMA row [ours - paper] below it.
+GOLDEN_LIMA = """\
+| llama2_7b | lima | it | ours | 65.00 | 60.00 | 70.00 | 15.00 | 40.00 | 45.00 | 49.17 | 5.00 | 30.00 | 2.50 |
+|  |  |  | paper | 63.92 [+1.08] | 58.29 [+1.71] | 71.96 [-1.96] | 16.01 [-1.01] | 39.27 [+0.73] | \
+43.29 [+1.71] | 48.79 [+0.38] | 4.77 [+0.23] | 33.06 [-3.06] | 2.58 [-0.08] |
+| llama2_7b | lima | im | ours | 66.00 (+1.00) | 61.00 (+1.00) | 71.00 (+1.00) | 16.00 (+1.00) | 41.00 (+1.00) | \
+46.00 (+1.00) | 50.17 (+1.00) | 5.50 (+0.50) | 33.00 (+3.00) | 3.00 (+0.50) |
+|  |  |  | paper | 64.49 [+1.51] | 58.21 [+2.79] | 75.55 [-4.55] | 17.06 [-1.06] | 38.84 [+2.16] | \
+43.45 [+2.55] | 49.60 [+0.57] | 4.83 [+0.67] | 32.94 [+0.06] | 2.47 [+0.53] |"""
+
+
+def test_table1_markdown_csv_latex(runs: Path):
+    summary = report.run(report_cfg(runs, tables=["table1"], label="synthetic test - not a reproduction"))
+    out = runs / "out"
+    assert set(summary["written"]) == {"table1"} and not summary["skipped"]
+    assert len(summary["runs"]) == 4  # the folder without a manifest is not a run
+
+    md = (out / "table1.md").read_text()
+    lines = md.splitlines()
+    start = lines.index(GOLDEN_LIMA.splitlines()[0])
+    assert lines[start:start + 4] == GOLDEN_LIMA.splitlines()
+    # Dolly IT: NLP numbers, AlpacaEval marked with a note; Dolly IM: every cell marked, the training failure noted.
+    dolly_it, dolly_im = table_lines(md, "| llama2_7b | alpagasus_3k_dolly |")
+    assert "| 49.17 | 5.00 | n/a [1] | n/a [1] |" in dolly_it
+    assert dolly_im.count("n/a [2]") == 10
+    notes = md.split("## Notes")[1].split("## Provenance")[0]
+    assert f"1. llama2_7b/alpagasus_3k_dolly/it (alpaca_eval_1, alpaca_eval_2): {NO_JUDGE}" in notes
+    assert f"2. llama2_7b/alpagasus_3k_dolly/im (knowledge, multilinguality" in notes
+    assert f"not run: train failed: {OOM}" in notes
+    assert md.startswith("# Table 1") and "**synthetic test - not a reproduction**" in md
+
+    rows = {(r["dataset"], r["method"]): r for r in read_csv(out / "table1.csv")}
+    it, im = rows["lima", "it"], rows["lima", "im"]
+    expected_it = {"knowledge": 65, "multilinguality": 60, "commonsense": 70, "math_coding": 15, "bbh": 40,
+                   "safety": 45, "mean": 295 / 6, "mt_bench": 5, "alpaca_eval_1": 30, "alpaca_eval_2": 2.5}
+    for column, value in expected_it.items():
+        assert float(it[column]) == pytest.approx(value, abs=1e-6)
+        assert it[f"{column}_delta"] == ""
+    assert float(im["mean"]) == pytest.approx(295 / 6 + 1, abs=1e-6)
+    assert float(im["mean_delta"]) == pytest.approx(1.0)
+    assert float(im["alpaca_eval_1_delta"]) == pytest.approx(3.0)
+    assert float(it["mean_paper"]) == 48.79 and float(it["mean_vs_paper"]) == pytest.approx(295 / 6 - 48.79, abs=1e-6)
+    assert float(it["alpaca_eval_1_vs_paper"]) == pytest.approx(-3.06, abs=1e-6)
+    assert rows["alpagasus_3k_dolly", "it"]["alpaca_eval_1"] == ""
+    assert NO_JUDGE in rows["alpagasus_3k_dolly", "it"]["missing"]
+
+    tex = (out / "table1.tex").read_text()
+    begin, end = tex.index(r"\begin{tabular}{" + "l" * 14 + "}"), tex.index(r"\end{tabular}")
+    assert begin < end and tex.count(r"\begin{table}") == tex.count(r"\end{table}") == 1
+    body = [line for line in tex[begin:end].splitlines() if line.endswith(r"\\")]
+    assert all(len(re.findall(r"(?<!\\)&", line)) == 13 for line in body)  # every line has all 14 cells
+    assert r"alpagasus\_3k\_dolly" in tex and "—" not in tex
+
+    for text, mark in ((md, "- "), ((out / "table1.csv").read_text(), "# "), (tex, "% ")):
+        assert f"{mark}label: synthetic test - not a reproduction" in text
+        assert f"{mark}generated: " in text
+        assert f"{mark}paper numbers: results/paper/table1.yaml" in text
+        assert "lima__llama2_7b__it__seed42: status done; git 0123456789abcdef (dirty); overrides: data=lima" in text
+        assert "packages: torch 2.13.0+cpu, transformers 5.23.0, lm-eval 0.4.13" in text
+
+
+def test_paper_has_no_such_row(tmp_path: Path):
+    root = tmp_path / "runs" / "synth"
+    make_run(root, "lima", "weighted0.5", scores=IT_SCORES)
+    report.run(report_cfg(tmp_path, tables=["table1"]))
+    paper_line = table_lines((tmp_path / "out" / "table1.md").read_text(), "|  |  |  | paper")[0]
+    assert paper_line == "|  |  |  | paper" + " | —" * 10 + " |"
+
+
+def test_table5_reproduces_the_papers_lima_row(runs: Path):
+    report.run(report_cfg(runs, tables=["table5"]))
+    rows = {r["dataset"]: r for r in read_csv(runs / "out" / "table5.csv")}
+    assert set(rows) == {"lima", "alpagasus_3k_dolly"}  # IT and IM share their training set: one row each
+    lima = rows["lima"]
+    for column in ("size", "total", "output", "output_std", "instruction", "instruction_std",
+                   "output_per_instruction", "instruction_per_output"):
+        assert float(lima[column]) == float(lima[f"{column}_paper"])
+        assert float(lima[f"{column}_vs_paper"]) == pytest.approx(0.0, abs=1e-9)
+    md = (runs / "out" / "table5.md").read_text()
+    lima_line = next(line for line in md.splitlines() if line.startswith("| lima | — | ours"))
+    assert lima_line.endswith("| 1030 | 484.47 | 442.75 | 491.34 | 41.72 | 79.28 | 10.6124 | 0.0942 |")
+    assert "lima: every number is the mean of 2 runs" in md
+
+
+def test_figures_from_data_and_skipped_without(runs: Path):
+    summary = report.run(report_cfg(runs, figures=["curves", "figure2_ratio", "figure2_size", "loss_histograms"]))
+    out = runs / "out"
+    for name in ("curves", "figure2_ratio", "figure2_size"):  # LIMA has IT and IM AlpacaEval 1.0
+        assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.pdf").stat().st_size > 0
+    assert "per-example losses" in summary["skipped"]["loss_histograms"]
+    assert not (out / "loss_histograms.png").exists()
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["skipped"] == summary["skipped"] and "curves" in saved["written"]
+    assert "loss_histograms" in (out / "summary.md").read_text()
+
+    points = report.figure2_points(report.load_runs(runs / "runs" / "synth"), "it", "instruction_per_output")
+    assert [(p.label, p.x, p.gain) for p in points] == [("lima (llama2_7b)", 0.0942, pytest.approx(10.0))]
+
+
+def test_figure2_without_data_writes_nothing(tmp_path: Path):
+    root = tmp_path / "runs" / "synth"
+    make_run(root, "lima", "it", scores=IT_SCORES)
+    make_run(root, "lima", "im", failed=OOM)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "figure2_ratio.png").write_bytes(b"stale")  # from an earlier report: must not pass for this one
+    summary = report.run(report_cfg(tmp_path, figures=["figure2_ratio"], tables=["table2"]))
+    assert summary["skipped"]["figure2_ratio"].startswith("no model and dataset has AlpacaEval 1.0 win rates")
+    assert f"lima/im AlpacaEval 1.0: not run: train failed: {OOM}" in summary["skipped"]["figure2_ratio"]
+    assert not list(out.glob("figure2_ratio.*"))
+    assert summary["skipped"]["table2"].startswith("no run has a value: memorization not run")
+
+
+def test_loss_table_and_histograms(tmp_path: Path):
+    root = tmp_path / "runs" / "synth"
+    for loss, (train, test) in {"it": (1.37, 1.32), "im": (1.45, 1.17)}.items():
+        run = make_run(root, "lima", loss)
+        write(run / "loss" / "summary.json", {"train": {"mean": train, "n": 2}, "test": {"mean": test, "n": 2}})
+        for split, mean in (("train", train), ("test", test)):
+            (run / "loss" / f"{split}.jsonl").write_text(
+                "".join(json.dumps({"loss": mean + d}) + "\n" for d in (-0.1, 0.1)))
+    summary = report.run(report_cfg(tmp_path, tables=["losses"], figures=["loss_histograms"]))
+    assert set(summary["written"]) == {"losses", "loss_histograms"}
+    rows = {r["method"]: r for r in read_csv(tmp_path / "out" / "losses.csv")}
+    assert float(rows["im"]["test_loss_delta"]) == pytest.approx(1.17 - 1.32)
+    assert float(rows["im"]["train_loss_vs_paper"]) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("loss, neftune, kl, name", [
+    ("it", None, "none", "it"), ("im", None, "none", "im"), ("it", 5, "none", "neftune"),
+    ("im", 5, "none", "im_neftune"), ("it", None, "kl", "kl"), ("im", None, "kl_released", "im_kl"),
+])
+def test_method_names(loss, neftune, kl, name):
+    assert report.method_name({"loss": {"name": loss}, "train": {"neftune_alpha": neftune, "kl": {"mode": kl}}}) == name
+
+
+def test_unknown_names_and_no_runs_fail_loudly(tmp_path: Path):
+    with pytest.raises(ValueError, match="unknown \\['table9'\\]"):
+        report.run(report_cfg(tmp_path, tables=["table9"]))
+    with pytest.raises(FileNotFoundError, match="no run directory"):
+        report.run(report_cfg(tmp_path, tables=["table1"]))
