@@ -14,11 +14,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from im_repro import config, evaluate, launch, prepare, train
+from im_repro import analysis, config, evaluate, launch, prepare, train
 
 log = logging.getLogger("im_repro")
 
-STAGES = {"prepare": prepare.run, "train": train.run, "eval": evaluate.run}  # in pipeline order
+STAGES = {  # in pipeline order; the report runs once per experiment: python -m im_repro.report
+    "prepare": prepare.run, "train": train.run, "eval": evaluate.run,
+    "loss": analysis.run_loss, "memorization": analysis.run_memorization,
+}
 
 REPO = Path(__file__).resolve().parents[1]  # conf/ and artifacts/ live beside the package (an editable install)
 config.register()
