@@ -11,7 +11,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= true
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-slow test-slurm test-all bench-prepare bench-train inspect-demo clean
+.PHONY: help setup demo test test-slow test-slurm test-all bench-prepare bench-train bench-eval inspect-demo clean
 # The paper's LIMA file when ../shared is beside the checkout; otherwise data=lima downloads it.
 LIMA := $(wildcard ../shared/data/paper/lima_data.jsonl)
 DATA_PATH := $(if $(LIMA),data.path=$(abspath $(LIMA)),)
@@ -80,6 +80,9 @@ bench-prepare: setup  ## time masking against bare tokenization and the paper's 
 
 bench-train: setup  ## training tokens/s: micro-batch 1, padded, length-grouped, packed, dense floor; IT vs IM
 	$(PY) scripts/bench_train.py
+
+bench-eval: setup  ## generation tokens/s on the AlpacaEval path: batch 1 vs batched (SmolLM2)
+	$(PY) scripts/bench_eval.py
 
 inspect-demo: setup  ## show which tokens of a LIMA example carry the loss under IT and IM
 	$(PY) -m im_repro.inspect data=lima $(DATA_PATH) loss=it --index 30
