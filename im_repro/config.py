@@ -48,6 +48,19 @@ class SourceConfig:
 
 
 @dataclass
+class SubsetConfig:
+    """Figure 2's controlled subsets (im_repro/subsets.py), drawn from the whole dataset after loading."""
+
+    kind: Optional[str] = None  # None: every example | ratio: `n` at about `target_ratio` | size: one of a nested series
+    target_ratio: float = 10.0  # instruction / output length
+    n: int = 3000
+    size: Optional[int] = None  # kind=size: which member of `sizes`
+    sizes: list[int] = field(default_factory=lambda: [1000, 2000, 5000, 10000, 20000, 35000])
+    tolerance: float = 0.1  # every chosen example's ratio within this fraction of the target
+    seed: int = 42  # apart from the training seed: every training seed sees the same subset
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
     paper_name: str = MISSING  # as in the paper's tables
@@ -56,6 +69,7 @@ class DataConfig:
     converter: str = "messages"  # row -> messages, see data.CONVERTERS
     path: Optional[str] = None  # a local .json/.jsonl file; overrides `source`
     limit: Optional[int] = None  # keep the first N valid examples
+    subset: SubsetConfig = field(default_factory=SubsetConfig)
     on_invalid: OnInvalid = OnInvalid.error
     licence: str = "see the source"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from im_repro import data, masking, model
+from im_repro import data, masking, model, subsets
 from im_repro.masking import SPECIAL
 from im_repro.runs import StageOutput
 from im_repro.templates import Span
@@ -111,10 +111,15 @@ def run(cfg, run_dir: Path) -> None:
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # every rank would write the same folder
         raise RuntimeError(f"prepare is not complete in {out.path}: run it once without a launcher, then launch train")
     out.start()
+    if cfg.data.subset.kind and cfg.data.limit:  # the limit would cut the pool the subset is chosen from
+        raise ValueError(f"data={cfg.data.name}: data.limit and data.subset cannot be combined")
     examples, report = data.load_examples(cfg.data, cfg.prepare.cache_dir)
     if not examples:
         raise ValueError(f"data={cfg.data.name}: no valid examples in {report.source}")
     log.info("prepare: %d examples from %s (%d invalid rows skipped)", len(examples), report.source, report.skipped)
+    examples, subset = subsets.select(examples, cfg.data.subset)
+    if subset:
+        log.info("prepare: subset %s keeps %d of %d examples", cfg.data.subset.kind, len(examples), subset["examples"])
 
     tokenizer = model.load_tokenizer(cfg.model)
     loss, template, weight = _value(cfg.loss.mode), _value(cfg.prepare.template), cfg.loss.prompt_loss_weight
@@ -147,6 +152,7 @@ def run(cfg, run_dir: Path) -> None:
     tmp.rename(out.path / "dataset")
     summary = {
         "data": report.as_dict(),
+        "subset": subset,
         "length_stats": data.length_stats(examples),
         "tokenization": {
             "tokenizer": tokenizer.name_or_path,

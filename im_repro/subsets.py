@@ -109,3 +109,18 @@ def size_controlled(examples: list[dict], sizes: tuple[int, ...] = PAPER_SIZES, 
         chosen = order[:size]
         out[size] = Subset(sorted(chosen.tolist()), {**settings, **_stats(examples, ratios, chosen, target_ratio)})
     return out
+
+
+def select(examples: list[dict], cfg) -> tuple[list[dict], dict | None]:
+    """The examples a `data.subset` config keeps, in file order, and the subset's stats (None: no subset)."""
+    if cfg.kind is None:
+        return examples, None
+    if cfg.kind == "ratio":
+        subset = ratio_controlled(examples, cfg.target_ratio, cfg.n, cfg.seed, cfg.tolerance)
+    elif cfg.kind == "size":
+        if cfg.size not in cfg.sizes:
+            raise ValueError(f"data.subset.size={cfg.size} is not one of data.subset.sizes={list(cfg.sizes)}")
+        subset = size_controlled(examples, tuple(cfg.sizes), cfg.target_ratio, cfg.seed, cfg.tolerance)[cfg.size]
+    else:
+        raise ValueError(f"data.subset.kind must be null, ratio or size, got {cfg.kind!r}")
+    return [examples[i] for i in subset.indices], subset.stats

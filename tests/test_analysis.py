@@ -300,3 +300,24 @@ def test_subsets_fail_clearly_when_too_few_examples_are_near_the_ratio():
     no_output = [conversation([("user", "just a question")])]
     with pytest.raises(subsets.SubsetError, match="only 0 of 1"):
         subsets.ratio_controlled(no_output, 5, n=1)
+
+
+def test_prepare_keeps_the_configured_subset_and_reports_it(tmp_path):
+    # lengths count words + 1 per message (Table 5's unit): ratios 2/4, 3/4, 4/4, ...; closest to 0.9: 4/4 and 3/4
+    rows = [conversation([("user", " ".join(["w"] * k)), ("assistant", "a b c")]) for k in range(1, 7)]
+    data = write_jsonl(tmp_path / "ratios.jsonl", rows)
+    cfg = compose_with("data=tulu_v2_ratio5", f"data.path={data}", "model=tiny", "train=smoke",
+                       "data.subset.target_ratio=0.9", "data.subset.n=2", "data.subset.tolerance=0.5")
+    prepare.run(cfg, tmp_path / "run")
+    stats = json.loads((tmp_path / "run" / "prepare" / "data_stats.json").read_text())
+    assert stats["subset"]["n"] == 2 and stats["subset"]["examples"] == 6 and stats["length_stats"]["size"] == 2
+    assert stats["length_stats"]["instruction"] == pytest.approx((3 + 4) / 2)
+    with pytest.raises(ValueError, match="data.limit and data.subset cannot be combined"):
+        prepare.run(compose_with("data=tulu_v2_ratio5", f"data.path={data}", "data.limit=3", "force=true"),
+                    tmp_path / "run2")
+
+
+def test_size_subset_configs_name_their_runs_by_size():
+    cfg = compose_with("data=tulu_v2_size", "data.subset.size=5000")
+    assert (cfg.data.name, cfg.data.subset.kind, cfg.data.source.uri) == ("tulu_v2_n5000", "size",
+                                                                          "allenai/tulu-v2-sft-mixture")

@@ -53,7 +53,7 @@ def test_dry_run_marks_finished_stages_and_estimates_gpu_hours(tmp_path):
     assert "report" not in launch.format_plan([plan]).split("\n")[-2]  # no report tables asked for: no report job
 
 
-@pytest.mark.parametrize("experiment", ["table1", "table2", "table3", "table4", "table5", "figure2", "figure3", "demo"])
+@pytest.mark.parametrize("experiment", ["table1", "table2", "table3", "table4", "table5", "figure2", "figure2size", "figure3", "demo"])
 def test_every_experiment_composes_with_a_sweep_and_a_report(experiment):
     cfg = compose_with(f"experiment={experiment}", hydra=True)
     assert cfg.experiment == experiment and cfg.hydra.sweeper.params
