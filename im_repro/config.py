@@ -298,6 +298,7 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     stages: list[str] = field(default_factory=lambda: ["prepare"])
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    skip_stages: list[str] = field(default_factory=list)  # left out whatever `stages` says (method=base: no training)
     dry_run: bool = False  # print the job plan (runs, stages, resources, GPU-hours) and submit nothing
     method: str = "${loss.name}"  # the run's label in tables and its directory: it, im, neftune, im_neftune, kl...
     seed: int = 42

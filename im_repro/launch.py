@@ -25,12 +25,14 @@ OUTPUTS = {"prepare": "prepare", "train": "train", "eval": "eval", "loss": "loss
 
 
 def stages_of(cfg) -> list[str]:
-    """The stages this job runs: all of `stages`, or those of `launch.phase` (a SLURM phase with its resources)."""
+    """The stages this job runs: `stages` less `skip_stages`, only those of `launch.phase` when one is set (a SLURM
+    phase with its resources)."""
+    stages = [s for s in cfg.stages if s not in cfg.skip_stages]
     if cfg.launch.phase is None:
-        return list(cfg.stages)
+        return stages
     if cfg.launch.phase not in cfg.launch.phases:
         raise ValueError(f"launch.phase={cfg.launch.phase!r}: choose from {list(cfg.launch.phases)}")
-    return [s for s in cfg.stages if s in cfg.launch.phases[cfg.launch.phase]]
+    return [s for s in stages if s in cfg.launch.phases[cfg.launch.phase]]
 
 
 def train_tokens(cfg, run_dir: Path) -> tuple[float, str]:
@@ -55,12 +57,12 @@ def gpu_hours(cfg, run_dir: Path) -> tuple[float, str]:
 
 def plan(cfg, run_dir: Path) -> dict:
     """One run's jobs: {run, stages: [{stage, after, complete, resources, gpu_hours}]}."""
-    stages = []
-    for i, stage in enumerate(cfg.stages):
+    stages, names = [], stages_of(cfg)
+    for i, stage in enumerate(names):
         res = cfg.launch.resources.get(stage)
         if res is None:
             raise ValueError(f"launch.resources has no entry for stage {stage!r} (conf/launch/default.yaml)")
-        entry = {"stage": stage, "after": cfg.stages[i - 1] if i else None,
+        entry = {"stage": stage, "after": names[i - 1] if i else None,
                  "complete": stage in OUTPUTS and StageOutput(run_dir / OUTPUTS[stage]).complete,
                  "resources": {k: res[k] for k in ("nodes", "gpus", "cpus", "mem_gb", "hours")}}
         if stage == "train":

@@ -114,6 +114,8 @@ def method_name(config: Mapping) -> str:
 
     Derived from the loss and the training switches rather than a free-form label, so a row cannot be misnamed.
     """
+    if dig(config, "method") == "base":  # the untuned model: no loss or training switch applies
+        return "base"
     extras = [name for name, on in (("neftune", bool(dig(config, "train.neftune_alpha"))),
                                     ("kl", kl_mode(config) is not None)) if on]
     loss = dig(config, "loss.name", "?")
@@ -126,7 +128,7 @@ def identity(run: Run) -> dict[str, Any]:
     kl = kl_mode(c)
     return {
         "model": dig(c, "model.name"),
-        "dataset": dig(c, "data.name"),
+        "dataset": None if method_name(c) == "base" else dig(c, "data.name"),  # the paper's base rows have none
         "method": method_name(c),
         "kl_mode": kl,
         "kl_lambda": dig(c, "train.kl.weight") if kl else None,

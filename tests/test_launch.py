@@ -94,3 +94,12 @@ def test_slurm_phases_run_their_stages_on_their_resources():
     assert launch.stages_of(cfg) == ["eval", "memorization"]
     with pytest.raises(ValueError, match="launch.phase='test'"):
         launch.stages_of(compose_with("launch.phase=test"))
+
+
+def test_base_method_evaluates_the_untuned_model_only():
+    cfg = compose_with("experiment=table1", "method=base")
+    assert launch.stages_of(cfg) == ["eval"]
+    from im_repro import report
+
+    config = {"method": "base", "loss": {"name": "im"}, "data": {"name": "lima"}, "model": {"name": "llama2_7b"}}
+    assert report.method_name(config) == "base"
