@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from im_repro import data
+from im_repro.config import plain
 from im_repro.runs import StageOutput, write_json
 from im_repro.templates import Span
 
@@ -35,10 +36,6 @@ log = logging.getLogger("im_repro")
 SAMPLINGS = ("random", "first_per_source")
 ENCODE_CHUNK = 1024  # held-out conversations tokenized per call, kept as arrays after each
 LOSS_DEFINITION = "mean cross-entropy over each example's output tokens (assistant content + EOS), then over examples"
-
-
-def _value(x):
-    return getattr(x, "value", x)
 
 
 # ------------------------------------------------------------------------------------------ held-out set -----
@@ -217,7 +214,7 @@ def run_loss(cfg, run_dir: Path) -> None:
     training, _ = data.load_examples(cfg.data, cfg.prepare.cache_dir)
     heldout, heldout_info = heldout_split(cfg, training)
     tokenizer = model_lib.load_tokenizer(cfg.model)
-    template = _value(cfg.prepare.template)
+    template = plain(cfg.prepare.template)
     test_records, test_examples, test_skipped = [], [], 0
     for start in range(0, len(heldout), ENCODE_CHUNK):
         chunk = heldout[start : start + ENCODE_CHUNK]
@@ -303,7 +300,7 @@ def run_memorization(cfg, run_dir: Path, generator=None) -> None:
     if int(os.environ.get("RANK", 0)) != 0:
         return
     out.start()
-    a, template = cfg.analysis, _value(cfg.prepare.template)
+    a, template = cfg.analysis, plain(cfg.prepare.template)
     generations = out.path / "generations.jsonl"
     if cfg.force:  # otherwise the resumable file would hand back every old answer
         generations.unlink(missing_ok=True)

@@ -33,6 +33,11 @@ class Template(str, Enum):
     chat_template = "chat_template"
 
 
+def plain(value):
+    """The string behind an enum-typed field: the typed config holds Enum members, a plain dict strings."""
+    return getattr(value, "value", value)
+
+
 @dataclass
 class SourceConfig:
     """Where a dataset comes from when `data.path` is not given."""

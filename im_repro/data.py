@@ -21,6 +21,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from im_repro.config import plain
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -162,7 +164,10 @@ def download(url: str, cache_dir: str | Path, sha256: str | None = None) -> Path
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(target.suffix + ".part")
-        urllib.request.urlretrieve(url, tmp)
+        try:
+            urllib.request.urlretrieve(url, tmp)
+        except OSError as e:
+            raise ConnectionError(f"cannot download {url} ({e}); point the config at a local copy instead") from e
         os.replace(tmp, target)
     if sha256 and file_sha256(target) != sha256:
         raise DataError(str(target), "<file>", f"sha256 mismatch for {url} (expected {sha256})")
@@ -240,7 +245,7 @@ def load_examples(cfg, cache_dir: str | Path) -> tuple[list[dict], LoadReport]:
     if convert is None:
         raise ValueError(f"data.converter={cfg.converter!r} is not one of {sorted(CONVERTERS)}")
     keep_dataset = re.compile(cfg.source.dataset_regex) if (cfg.source.dataset_regex and not cfg.path) else None
-    skip = str(getattr(cfg.on_invalid, "value", cfg.on_invalid)) == "skip"
+    skip = plain(cfg.on_invalid) == "skip"
     report, examples = LoadReport(source), []
     for where, row in rows:
         if cfg.limit is not None and len(examples) >= cfg.limit:
@@ -279,11 +284,8 @@ def message_length(content: str) -> int:
     return len(content.split()) + 1
 
 
-def length_stats(examples: list[dict]) -> dict:
-    """Table 5 columns: instruction = user (and system) messages, output = assistant messages.
-
-    Means and population standard deviations over examples; the two ratios are ratios of the means.
-    """
+def example_lengths(examples: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(instruction, output) length of each example: user (and system) messages, assistant messages."""
     instruction = np.array(
         [sum(message_length(m["content"]) for m in ex["messages"] if m["role"] != "assistant") for ex in examples],
         dtype=float,
@@ -292,6 +294,15 @@ def length_stats(examples: list[dict]) -> dict:
         [sum(message_length(m["content"]) for m in ex["messages"] if m["role"] == "assistant") for ex in examples],
         dtype=float,
     )
+    return instruction, output
+
+
+def length_stats(examples: list[dict]) -> dict:
+    """Table 5 columns: instruction = user (and system) messages, output = assistant messages.
+
+    Means and population standard deviations over examples; the two ratios are ratios of the means.
+    """
+    instruction, output = example_lengths(examples)
     if len(examples) == 0:
         raise ValueError("length_stats needs at least one example")
     i_mean, o_mean = float(instruction.mean()), float(output.mean())

@@ -15,6 +15,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from im_repro import data, masking, model
+from im_repro.config import plain
 from im_repro.masking import SPECIAL, Encoded
 from im_repro.templates import Span
 
@@ -74,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     if len(examples) <= args.index:
         raise SystemExit(f"--index {args.index}: the dataset has only {len(examples)} examples")
     tokenizer = model.load_tokenizer(cfg.model)
-    mode = getattr(cfg.loss.mode, "value", cfg.loss.mode)
-    template = getattr(cfg.prepare.template, "value", cfg.prepare.template)
+    mode = plain(cfg.loss.mode)
+    template = plain(cfg.prepare.template)
     encoded = masking.encode_full(
         examples[args.index]["messages"], tokenizer, mode, template, cfg.train.max_seq_length,
         cfg.loss.prompt_loss_weight,

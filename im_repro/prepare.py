@@ -20,16 +20,13 @@ import datasets
 import numpy as np
 
 from im_repro import data, masking, model, subsets
+from im_repro.config import plain
 from im_repro.masking import SPECIAL
 from im_repro.runs import StageOutput
 from im_repro.templates import Span
 
 log = logging.getLogger(__name__)
 CLASS_NAMES = {SPECIAL: "special", Span.TEMPLATE: "template", Span.INSTRUCTION: "instruction", Span.OUTPUT: "output"}
-
-
-def _value(x):
-    return getattr(x, "value", x)
 
 
 def encode_columns(batch: dict, tokenizer, loss: str, template: str, max_seq_length: int, weight) -> dict:
@@ -67,8 +64,8 @@ def cache_key(examples: list[dict], tokenizer, cfg) -> str:
         h.update(b"\n")
     settings = [
         model.tokenizer_fingerprint(tokenizer),
-        _value(cfg.prepare.template),
-        _value(cfg.loss.mode),
+        plain(cfg.prepare.template),
+        plain(cfg.loss.mode),
         cfg.loss.prompt_loss_weight,
         cfg.train.max_seq_length,
         datasets.__version__,
@@ -122,7 +119,7 @@ def run(cfg, run_dir: Path) -> None:
         log.info("prepare: subset %s keeps %d of %d examples", cfg.data.subset.kind, len(examples), subset["examples"])
 
     tokenizer = model.load_tokenizer(cfg.model)
-    loss, template, weight = _value(cfg.loss.mode), _value(cfg.prepare.template), cfg.loss.prompt_loss_weight
+    loss, template, weight = plain(cfg.loss.mode), plain(cfg.prepare.template), cfg.loss.prompt_loss_weight
     max_len = cfg.train.max_seq_length
     key = cache_key(examples, tokenizer, cfg)
     cache_file = Path(cfg.prepare.cache_dir) / "prepare" / key / "encoded.arrow"

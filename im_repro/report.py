@@ -29,7 +29,7 @@ import hydra
 from omegaconf import DictConfig
 
 from im_repro import paper
-from im_repro.runs import REPO, git_state, now, write_json
+from im_repro.runs import REPO, git_state, now, read_jsonl, write_json
 
 log = logging.getLogger("im_repro")
 
@@ -58,12 +58,6 @@ def number(value: Any) -> float | None:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def one_line(text: Any, limit: int = 300) -> str:
@@ -573,7 +567,7 @@ def curves(runs: Sequence[Run], baseline: str):
     """Per-step output and instruction loss of every run (train/log.jsonl): IT against IM."""
     series = {}
     for run in runs:
-        records = read_jsonl(run.path / "train" / "log.jsonl")
+        records = read_jsonl(run.path / "train" / "log.jsonl", missing_ok=True)
         for key in CURVES:
             points = [(r["step"], r[key]) for r in records if "step" in r and number(r.get(key)) is not None]
             if points:
@@ -594,7 +588,7 @@ def curves(runs: Sequence[Run], baseline: str):
 
 
 def split_losses(run: Run, split: str) -> list[float]:
-    values = (number(r.get("loss")) for r in read_jsonl(run.path / "loss" / f"{split}.jsonl"))
+    values = (number(r.get("loss")) for r in read_jsonl(run.path / "loss" / f"{split}.jsonl", missing_ok=True))
     return [v for v in values if v is not None]
 
 

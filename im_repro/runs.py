@@ -30,6 +30,14 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def read_jsonl(path: Path, missing_ok: bool = False) -> list[dict]:
+    """One record per non-empty line; no records from an absent file when `missing_ok`."""
+    path = Path(path)
+    if missing_ok and not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def git_state(repo: Path = REPO) -> dict:
     def git(*args):
         return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from im_repro.data import length_stats, message_length
+from im_repro.data import example_lengths, length_stats
 
 PAPER_RATIOS = (5, 10, 15)
 # Figure 2 (right) spans 1,000 to 35,000 examples on a log axis; the sizes in between are not given (PAPER.md §4.2).
@@ -38,15 +38,6 @@ class SubsetError(ValueError):
 class Subset:
     indices: list[int]  # into the examples given, in file order
     stats: dict  # the rule's settings and what was achieved
-
-
-def example_lengths(examples: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """(instruction, output) length of each example, in `data.length_stats`' unit."""
-    instruction = np.array([sum(message_length(m["content"]) for m in ex["messages"] if m["role"] != "assistant")
-                            for ex in examples], dtype=float)
-    output = np.array([sum(message_length(m["content"]) for m in ex["messages"] if m["role"] == "assistant")
-                       for ex in examples], dtype=float)
-    return instruction, output
 
 
 def per_example_ratios(examples: list[dict]) -> np.ndarray:

@@ -30,6 +30,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from im_repro import model as model_lib
+from im_repro.config import plain
 from im_repro.runs import StageOutput
 from im_repro.templates import TULU_CHAT_TEMPLATE, Span
 
@@ -287,7 +288,7 @@ def run(cfg, run_dir: Path) -> None:
     trainer.save_model(str(tmp))
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
-        if getattr(cfg.prepare.template, "value", cfg.prepare.template) == "tulu":
+        if plain(cfg.prepare.template) == "tulu":
             tokenizer.chat_template = TULU_CHAT_TEMPLATE  # so the checkpoint chats in the format it was trained on
         tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(final, ignore_errors=True)

@@ -16,6 +16,7 @@ import logging
 import os
 from pathlib import Path
 
+from im_repro.config import plain
 from im_repro.runs import StageOutput, write_json
 
 log = logging.getLogger("im_repro")
@@ -117,7 +118,7 @@ def run(cfg, run_dir: Path) -> None:
             return Generator(*load_for_generation(cfg, model_path, tokenizer_path), cfg.eval.generation_batch_size)
 
         generator = LazyGenerator(load_generator)
-        template = getattr(cfg.prepare.template, "value", cfg.prepare.template)
+        template = plain(cfg.prepare.template)
         e, name = cfg.eval, Path(model_path).name
         if "humaneval" in chosen:
             from im_repro.evaluate import humaneval
@@ -143,12 +144,10 @@ def run(cfg, run_dir: Path) -> None:
 
 def load_for_generation(cfg, model_path: str, tokenizer_path: str):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype)).to(device)
-    return model.eval(), tokenizer
+    from im_repro.evaluate.generate import load_inference
+
+    return load_inference(model_path, tokenizer_path, getattr(torch, cfg.model.dtype))
 
 
 def headline_keys(name: str, cfg) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from im_repro.config import JudgeConfig
-from im_repro.evaluate.generate import Generator
+from im_repro.evaluate.generate import Generator, load_inference
 
 log = logging.getLogger("im_repro")
 
@@ -186,12 +186,7 @@ def make_judge(cfg: JudgeConfig, *, batch_size: int = 8) -> Judge:
         client = openai.OpenAI(api_key=key or "EMPTY", base_url=cfg.base_url, max_retries=0)
         return ApiJudge(client, cfg.model, max_retries=cfg.max_retries, concurrency=batch_size)
     if cfg.kind == "local":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype="auto", **kwargs)
-        model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        model, tokenizer = load_inference(cfg.model, cfg.model, "auto", cfg.gguf_file)
         log.info("judge: local model %s (%.0fM parameters)", cfg.model, model.num_parameters() / 1e6)
         return LocalJudge(model, tokenizer, name=judge_label(cfg), batch_size=batch_size)
     raise ValueError(f"judge.kind must be openai, openai_compatible or local, got {cfg.kind!r}")

@@ -19,18 +19,17 @@ Answers and judgments are appended to JSONL files as they are made; a rerun prod
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import time
-import urllib.request
 from pathlib import Path
-from urllib.parse import urlparse
 
 from im_repro.config import MTBenchConfig
+from im_repro.data import download
 from im_repro.evaluate.generate import ResumableOutputs, chat_prompt, generate_resumable
 from im_repro.evaluate.judges import Judge, JudgeError, JudgeUnavailable, file_safe, make_judge
+from im_repro.runs import read_jsonl
 
 log = logging.getLogger("im_repro")
 
@@ -41,29 +40,12 @@ JUDGE_CHUNK = 8  # judgments between two saves
 
 
 def fetch(uri: str, cache_dir: Path) -> Path:
-    """A local path as is; a URL downloaded once into `cache_dir`."""
-    if not re.match(r"https?://", uri):
-        path = Path(uri)
-        if not path.exists():
-            raise FileNotFoundError(f"{uri} does not exist")
-        return path
-    target = cache_dir / f"{hashlib.sha256(uri.encode()).hexdigest()[:12]}-{Path(urlparse(uri).path).name}"
-    if not target.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        log.info("downloading %s", uri)
-        try:
-            with urllib.request.urlopen(uri, timeout=60) as response:
-                data = response.read()
-        except OSError as e:
-            raise ConnectionError(f"cannot download {uri} ({e}); point the config at a local copy instead") from e
-        partial = target.with_name(target.name + ".part")
-        partial.write_bytes(data)
-        partial.replace(target)  # a killed download never leaves a truncated file under the final name
-    return target
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """A local path as is; a URL downloaded once under `cache_dir`/downloads/."""
+    if re.match(r"https?://", uri):
+        return download(uri, cache_dir)
+    if not Path(uri).exists():
+        raise FileNotFoundError(f"{uri} does not exist")
+    return Path(uri)
 
 
 def parse_rating(judgment: str) -> float | None:
@@ -172,8 +154,7 @@ def run(cfg: MTBenchConfig, generator, tokenizer, template: str, out_dir: Path, 
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    downloads = out_dir / "downloads"
-    questions = read_jsonl(fetch(cfg.questions, downloads))
+    questions = read_jsonl(fetch(cfg.questions, out_dir))
     questions = questions[: cfg.limit] if cfg.limit is not None else questions
 
     answers = generate_answers(questions, generator, tokenizer, template, out_dir, cfg.max_new_tokens)
@@ -188,11 +169,11 @@ def run(cfg: MTBenchConfig, generator, tokenizer, template: str, out_dir: Path, 
     missing: dict[str, str] = {}
     try:
         judge = judge or make_judge(cfg.judge)
-        judge_prompts = {p["name"]: p for p in read_jsonl(fetch(cfg.judge_prompts, downloads))}
+        judge_prompts = {p["name"]: p for p in read_jsonl(fetch(cfg.judge_prompts, out_dir))}
         references = {}
         if any(q["category"] in NEED_REF_CATS for q in questions):
             references = {str(r["question_id"]): r["choices"][0]["turns"]
-                          for r in read_jsonl(fetch(cfg.references, downloads))}
+                          for r in read_jsonl(fetch(cfg.references, out_dir))}
         jobs = judge_jobs(questions, answers, references, judge_prompts)
         path = out_dir / "model_judgment" / f"{file_safe(judge.name)}_single.jsonl"
         records = grade(jobs, judge, path, model_name=model_name, max_new_tokens=cfg.judge.max_new_tokens)
