@@ -11,10 +11,12 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= true
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-slow test-slurm test-all bench-prepare bench-train bench-eval inspect-demo clean
-# The paper's LIMA file when ../shared is beside the checkout; otherwise data=lima downloads it.
+.PHONY: help setup demo test test-slow test-slurm test-fresh test-all bench-prepare bench-train bench-eval inspect-demo clean
+# The paper's LIMA file when ../shared is beside the checkout, an offline shortcut; otherwise data=lima downloads it
+# from the paper's repository at a pinned commit, checks its sha256 and caches it.
 LIMA := $(wildcard ../shared/data/paper/lima_data.jsonl)
 DATA_PATH := $(if $(LIMA),data.path=$(abspath $(LIMA)),)
+LIMA_ARG := $(if $(LIMA),--data $(abspath $(LIMA)),)
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_%-][a-zA-Z0-9_% -]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -33,8 +35,7 @@ $(ARTIFACTS): $(STAMP) scripts/fetch_artifacts.py
 	touch $@
 
 demo: setup  ## the main job on a CPU-sized default: IT vs IM on SmolLM2-135M, train, eval, report (results/demo/)
-	$(PY) scripts/demo_prompts.py $(or $(LIMA),$(error the demo reads ../shared/data/paper/lima_data.jsonl)) \
-		runs/demo/alpaca_prompts.json --skip 200
+	$(PY) scripts/demo_prompts.py runs/demo/alpaca_prompts.json --skip 200 $(DATA_PATH)
 	$(PY) -m im_repro -m experiment=demo $(DATA_PATH)
 	$(PY) -m im_repro.report experiment=demo
 
@@ -72,17 +73,20 @@ test-slow: setup  ## run only the slow tests (SmolLM2 fine-tuning and evaluation
 test-slurm: setup  ## the real SLURM test: starts (as root) and stops a one-node local cluster if none answers
 	$(PY) -m pytest -m slurm -rs $(PYTEST_ARGS) tests/test_slurm.py
 
+test-fresh:  ## `make test` in a fresh clone of HEAD: new venv, SLURM's commands hidden (scripts/fresh_test.sh)
+	scripts/fresh_test.sh
+
 test-all: setup  ## run every test except the SLURM one (make test-slurm)
 	$(PY) -m pytest -m "not slurm" $(PYTEST_ARGS)
 
 bench-prepare: setup  ## time masking against bare tokenization and the paper's prefix re-tokenization
-	$(PY) scripts/bench_prepare.py
+	$(PY) scripts/bench_prepare.py $(LIMA_ARG)
 
 bench-train: setup  ## training tokens/s: micro-batch 1, padded, length-grouped, packed, dense floor; IT vs IM
-	$(PY) scripts/bench_train.py
+	$(PY) scripts/bench_train.py $(LIMA_ARG)
 
 bench-eval: setup  ## generation tokens/s on the AlpacaEval path: batch 1 vs batched (SmolLM2)
-	$(PY) scripts/bench_eval.py
+	$(PY) scripts/bench_eval.py $(LIMA_ARG)
 
 inspect-demo: setup  ## show which tokens of a LIMA example carry the loss under IT and IM
 	$(PY) -m im_repro.inspect data=lima $(DATA_PATH) loss=it --index 30

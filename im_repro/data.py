@@ -159,19 +159,28 @@ def iter_json_rows(path: str | Path) -> Iterator[tuple[str, dict | _Invalid]]:
 
 
 def download(url: str, cache_dir: str | Path, sha256: str | None = None) -> Path:
-    """Fetch `url` once into the cache (atomically), verifying its sha256 when known."""
+    """Fetch `url` once into the cache (atomically); a file whose sha256 is not the expected one never enters it."""
     target = Path(cache_dir) / "downloads" / hashlib.sha256(url.encode()).hexdigest()[:16] / url.rsplit("/", 1)[-1]
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(target.suffix + ".part")
-        try:
-            urllib.request.urlretrieve(url, tmp)
-        except OSError as e:
+    if target.exists():
+        _verify(target, sha256, f"the cached copy of {url} (delete it to download again)")
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(target.suffix + ".part")
+    try:
+        urllib.request.urlretrieve(url, tmp)
+        _verify(tmp, sha256, f"{url} as downloaded (corrupt, or changed upstream; not cached)")
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
             raise ConnectionError(f"cannot download {url} ({e}); point the config at a local copy instead") from e
-        os.replace(tmp, target)
-    if sha256 and file_sha256(target) != sha256:
-        raise DataError(str(target), "<file>", f"sha256 mismatch for {url} (expected {sha256})")
+        raise
+    os.replace(tmp, target)
     return target
+
+
+def _verify(path: Path, sha256: str | None, what: str) -> None:
+    if sha256 and (actual := file_sha256(path)) != sha256:
+        raise DataError(str(path), "<file>", f"sha256 mismatch: {what} has {actual}, the config expects {sha256}")
 
 
 def file_sha256(path: str | Path) -> str:

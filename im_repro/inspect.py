@@ -12,14 +12,11 @@ import argparse
 import html
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
 from im_repro import data, masking, model
 from im_repro.config import plain
 from im_repro.masking import SPECIAL, Encoded
 from im_repro.templates import Span
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 NAMES = {SPECIAL: "special", Span.TEMPLATE: "template", Span.INSTRUCTION: "instruction", Span.OUTPUT: "output"}
 ANSI = {SPECIAL: "35", Span.TEMPLATE: "90", Span.INSTRUCTION: "34", Span.OUTPUT: "32"}
 CSS = {SPECIAL: "#a0a", Span.TEMPLATE: "#888", Span.INSTRUCTION: "#1f5fbf", Span.OUTPUT: "#187a2f"}
@@ -65,11 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--html", type=Path, help="also write an HTML page here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=lima loss=im")
     args = parser.parse_args(argv)
-    from im_repro import run  # registers the schema and resolvers
+    from im_repro.run import compose  # registers the schema and resolvers
 
-    del run
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=args.overrides)
+    cfg = compose(args.overrides)
     cfg.data.limit = args.index + 1
     examples, _ = data.load_examples(cfg.data, cfg.prepare.cache_dir)
     if len(examples) <= args.index:

@@ -14,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from im_repro import analysis, config, evaluate, launch, prepare, train
+from im_repro import analysis, config, data, evaluate, launch, prepare, train
 
 log = logging.getLogger("im_repro")
 
@@ -47,6 +47,25 @@ OmegaConf.register_new_resolver("minutes", lambda hours: round(float(hours) * 60
 OmegaConf.register_new_resolver(
     "phase_resources", lambda key, *, _root_: _root_.launch.resources[_root_.launch.phase or "train"][key], replace=True
 )
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The config `im-repro` would run with these overrides, for tools that run no stage (inspect, scripts)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def load_data(overrides: list[str]) -> list[dict]:
+    """The examples a run with these overrides reads (a download is fetched, checked and cached as in a run)."""
+    cfg = compose(overrides)
+    return data.load_examples(cfg.data, cfg.prepare.cache_dir)[0]
+
+
+def lima_overrides(path: str | None) -> list[str]:
+    """`data=lima` for the scripts: the paper's LIMA through its loader, or a local copy of it when given."""
+    return ["data=lima"] + ([f"data.path={Path(path).resolve()}"] if path else [])
 
 
 @hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="config")

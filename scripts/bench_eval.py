@@ -10,7 +10,6 @@ and keeps its best time. Prints numbers and ratios, never asserts.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from im_repro.evaluate.generate import Generator, chat_prompt  # noqa: E402
+from im_repro.run import lima_overrides, load_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"smollm2": ROOT / "artifacts/models/smollm2-135m-instruct"}
@@ -32,14 +32,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--model", choices=MODELS, default="smollm2")
-    p.add_argument("--data", default=str(ROOT.parent / "shared/data/paper/lima_data.jsonl"))
+    p.add_argument("--data", help="a local copy of LIMA (default: data=lima, downloaded and cached)")
     args = p.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(MODELS[args.model])
     model = AutoModelForCausalLM.from_pretrained(MODELS[args.model], dtype=torch.float32).eval()
-    lines = Path(args.data).read_text().splitlines()[-args.prompts:]  # the end of LIMA: never in a demo's training
-    prompts = [chat_prompt([next(m for m in json.loads(x)["messages"] if m["role"] == "user")], tokenizer, "tulu")
-               for x in lines]
+    held_out = load_data(lima_overrides(args.data))[-args.prompts:]  # the end of LIMA: never in a demo's training
+    prompts = [chat_prompt([next(m for m in x["messages"] if m["role"] == "user")], tokenizer, "tulu")
+               for x in held_out]
 
     best: dict[int, tuple[float, int]] = {}
     for _ in range(2):

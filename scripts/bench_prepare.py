@@ -8,7 +8,6 @@ Prints ratios, never asserts on them: wall-clock budgets break on a busy machine
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import AutoTokenizer  # noqa: E402
 
 from im_repro.masking import IGNORE_INDEX, encode, encode_batch  # noqa: E402
+from im_repro.run import lima_overrides, load_data  # noqa: E402
 from im_repro.templates import render  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,18 +109,17 @@ def chains(singles: list[list[dict]], n_messages: int) -> list[list[dict]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/paper/lima_data.jsonl"))
+    ap.add_argument("--data", help="a local copy of LIMA (default: data=lima, downloaded and cached)")
     ap.add_argument("--tokenizer", default=str(ROOT / "artifacts/tokenizers/llama2"))
     ap.add_argument("--limit", type=int, default=None, help="use only the first N conversations")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    with open(args.data) as f:
-        convs = [json.loads(line)["messages"] for line in f if line.strip()][: args.limit]
+    convs = [x["messages"] for x in load_data(lima_overrides(args.data))][: args.limit]
     texts = [render(m, tok).text for m in convs]
     batches = [slice(i, i + BATCH) for i in range(0, len(convs), BATCH)]
-    print(HEADER + f"{len(convs)} conversations from {args.data}, tokenizer {args.tokenizer} (fast={tok.is_fast}),"
+    print(HEADER + f"{len(convs)} conversations from {args.data or 'LIMA'}, tokenizer {args.tokenizer} (fast={tok.is_fast}),"
           f" repeats {args.repeats}\n")
 
     rows = []  # (measurement, ours_s, reference_s, ratio, target, met)

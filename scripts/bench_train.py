@@ -20,7 +20,6 @@ best-of-2; the defaults, best-of-3). Prints ratios, never asserts.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -37,6 +36,7 @@ from im_repro.collate import Collator  # noqa: E402
 from im_repro.config import ModelConfig  # noqa: E402
 from im_repro.masking import encode_batch  # noqa: E402
 from im_repro.model import load_model, load_tokenizer  # noqa: E402
+from im_repro.run import lima_overrides, load_data  # noqa: E402
 from im_repro.train import forward_loss, normaliser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +55,8 @@ MODELS = {
 
 def load_examples(args, tokenizer) -> dict[str, list[dict]]:
     """A seeded random sample of LIMA, encoded once per loss mode (same tokens, different labels)."""
-    lines = Path(args.data).read_text().splitlines()
-    convs = [json.loads(line)["messages"] for line in random.Random(0).sample(lines, args.examples)]
+    lima = load_data(lima_overrides(args.data))
+    convs = [x["messages"] for x in random.Random(0).sample(lima, args.examples)]
     return {mode: [{**e.as_dict(), "token_class": e.token_class.tolist()}
                    for e in encode_batch(convs, tokenizer, mode, "tulu", args.max_len)] for mode in MODES}
 
@@ -201,7 +201,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=12, help="timed rounds; past one epoch they repeat global batches")
     p.add_argument("--model", choices=sorted(MODELS), default="tiny")
-    p.add_argument("--data", default="/work/shared/data/paper/lima_data.jsonl")
+    p.add_argument("--data", help="a local copy of LIMA (default: data=lima, downloaded and cached)")
     p.add_argument("--memory-of", choices=CONFIGS, help=argparse.SUPPRESS)
     args = p.parse_args()
 

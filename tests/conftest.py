@@ -18,6 +18,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("IM_REPRO_ARTIFACTS", REPO / "artifacts"))
 SHARED_DATA = REPO.parent / "shared" / "data" / "paper"
+# Hand-written conversations in the paper's messages format (single- and multi-turn, system messages, instructions
+# and outputs long enough to be truncated): what the core tests train on, so a clone without ../shared runs them.
+CONVERSATIONS = REPO / "tests" / "data" / "conversations.jsonl"
 
 
 def _artifact(*parts: str) -> Path:

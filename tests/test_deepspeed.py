@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, shared_file
+from tests.conftest import CONVERSATIONS, REPO
 
-pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
+pytestmark = pytest.mark.slow
 
 DEEPSPEED = REPO / "conf" / "deepspeed"
 ACCELERATE = REPO / "conf" / "accelerate"
@@ -62,8 +62,7 @@ def run(cmd: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def pipeline(run_dir: Path, *overrides: str, stages: str = "[prepare,train]") -> list[str]:
-    lima = shared_file("lima_data.jsonl")
-    return [f"stages={stages}", "data=lima", f"data.path={lima}", "data.limit=16", "model=tiny", "loss=im",
+    return [f"stages={stages}", "data=lima", f"data.path={CONVERSATIONS}", "data.limit=16", "model=tiny", "loss=im",
             "train=smoke", "train.max_steps=2", f"hydra.run.dir={run_dir}", *overrides]
 
 

@@ -13,7 +13,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from tests.conftest import REPO, compose_with, shared_file
+from tests.conftest import CONVERSATIONS, REPO, compose_with
 
 CONF = REPO / "conf"
 
@@ -51,11 +51,9 @@ def im_repro(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "im_repro", *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
-@pytest.mark.shared_data
-def test_prepare_end_to_end_on_lima(tmp_path):
-    lima = shared_file("lima_data.jsonl")
+def test_prepare_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
-    args = ["stages=[prepare]", "data=lima", f"data.path={lima}", "data.limit=40", "model=tiny", "loss=it",
+    args = ["stages=[prepare]", "data=lima", f"data.path={CONVERSATIONS}", "data.limit=20", "model=tiny", "loss=it",
             "train.max_seq_length=256", f"hydra.run.dir={run_dir}"]
     proc = im_repro(*args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -65,9 +63,9 @@ def test_prepare_end_to_end_on_lima(tmp_path):
     ds = datasets.load_from_disk(str(run_dir / "prepare" / "dataset"))
     stats = json.loads((run_dir / "prepare" / "data_stats.json").read_text())
     tok = stats["tokenization"]
-    assert stats["data"]["kept"] == 40 and stats["length_stats"]["size"] == 40
-    assert tok["kept"] == len(ds) == 40 - tok["dropped_no_supervision"]
-    assert tok["truncated"] > 0  # LIMA answers are long; 256 tokens truncates many
+    assert stats["data"]["kept"] == 20 and stats["length_stats"]["size"] == 20
+    assert tok["kept"] == len(ds) == 20 - tok["dropped_no_supervision"]
+    assert tok["truncated"] > 0  # the fixture has instructions and answers longer than 256 tokens
     assert tok["dropped_no_supervision"] == tok["dropped_no_supervision_per_mode"]["it"]
     assert tok["dropped_no_supervision_per_mode"]["im"] <= tok["dropped_no_supervision"]
     assert all(len(x) <= 256 for x in ds["input_ids"]) and "labels" in ds.column_names
@@ -75,7 +73,7 @@ def test_prepare_end_to_end_on_lima(tmp_path):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["stages"]["prepare"]["status"] == "done"
     assert manifest["config"]["loss"]["mode"] == "it" and manifest["packages"]["transformers"]
-    assert "commit" in manifest["git"] and f"data.path={lima}" in manifest["overrides"]
+    assert "commit" in manifest["git"] and f"data.path={CONVERSATIONS}" in manifest["overrides"]
 
     again = im_repro(*args, cwd=tmp_path)  # complete: skipped, not redone
     assert again.returncode == 0 and "skipping" in again.stderr + again.stdout
@@ -96,35 +94,32 @@ def test_unknown_stage_is_refused(tmp_path):
     assert proc.returncode != 0 and "unknown ['trian']" in proc.stderr
 
 
-@pytest.mark.shared_data
 def test_prepare_with_workers_equals_one_process_and_reuses_its_cache(tmp_path, monkeypatch):
     import datasets
 
     from im_repro import prepare
 
     monkeypatch.setenv("IM_REPRO_CACHE", str(tmp_path / "cache"))
-    lima = shared_file("lima_data.jsonl")
     out = {}
     for procs in (1, 2):
-        cfg = compose_with("data=lima", f"data.path={lima}", "data.limit=64", "model=tiny", "loss=im",
-                           f"prepare.num_proc={procs}", "prepare.batch_size=16")
+        cfg = compose_with("data=lima", f"data.path={CONVERSATIONS}", "model=tiny", "loss=im",
+                           f"prepare.num_proc={procs}", "prepare.batch_size=4")
         prepare.run(cfg, tmp_path / f"p{procs}")
         out[procs] = datasets.load_from_disk(str(tmp_path / f"p{procs}" / "prepare" / "dataset")).to_dict()
     assert out[1] == out[2]
     cached = list((tmp_path / "cache" / "prepare").glob("*/encoded*.arrow"))
     assert len({p.parent for p in cached}) == 1  # one key: same data, tokenizer, template, mode, length
 
-    cfg = compose_with("data=lima", f"data.path={lima}", "data.limit=64", "model=tiny", "loss=it")
+    cfg = compose_with("data=lima", f"data.path={CONVERSATIONS}", "model=tiny", "loss=it")
     prepare.run(cfg, tmp_path / "it")  # another mode: another cache entry
     assert len({p.parent for p in (tmp_path / "cache" / "prepare").glob("*/encoded*.arrow")}) == 2
 
 
-@pytest.mark.shared_data
 def test_inspect_colours_tokens_and_writes_html(tmp_path, capsys):
     from im_repro import inspect
 
     page = tmp_path / "x.html"
-    inspect.main(["--index", "3", "--html", str(page), "data=lima", f"data.path={shared_file('lima_data.jsonl')}",
+    inspect.main(["--index", "3", "--html", str(page), "data=lima", f"data.path={CONVERSATIONS}",
                   "model=tiny", "loss=im"])
     printed = capsys.readouterr().out
     assert "lima[3] loss=im" in printed and "\x1b[32;4;1m" in printed  # an output token, supervised

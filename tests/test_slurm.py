@@ -49,8 +49,12 @@ def launcher(conf: Path, *overrides: str):
         return compose("config", overrides=list(overrides), return_hydra_config=True).hydra.launcher
 
 
-def sbatch_text(params, tmp_path: Path) -> str:
-    """The sbatch script submitit writes for these launcher parameters (the launcher's own mapping, no cluster)."""
+def sbatch_text(params, tmp_path: Path, monkeypatch) -> str:
+    """The sbatch script submitit writes for these launcher parameters (the launcher's own mapping, no cluster).
+
+    submitit's SlurmExecutor refuses to exist where `srun` is not on the PATH (its `affinity`); rendering the script
+    needs no cluster, so the test alone tells it one is there.
+    """
     import submitit
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     from omegaconf import OmegaConf
@@ -58,40 +62,41 @@ def sbatch_text(params, tmp_path: Path) -> str:
     params = {k: v for k, v in params.items() if k not in ("_target_", "submitit_folder", "max_num_timeout")}
     params["name"] = "im_repro"
     base = set(OmegaConf.structured(BaseQueueConf).keys())
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))
     executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path / "submitit")
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
     return executor._executor._make_submission_file_text("CMD", "uid")
 
 
-def test_slurm_launcher_one_node(conf_dir, tmp_path):
+def test_slurm_launcher_one_node(conf_dir, tmp_path, monkeypatch):
     cfg = launcher(conf_dir, "hydra/launcher=slurm")
     assert cfg._target_ == SLURM_LAUNCHER
     assert (cfg.nodes, cfg.tasks_per_node, cfg.gpus_per_node) == (1, 1, 4)
     assert cfg.partition is None and cfg.account is None and cfg.qos is None  # the cluster's defaults
     assert (cfg.cpus_per_task, cfg.mem_gb, cfg.timeout_min, cfg.array_parallelism) == (32, 256, 1440, 8)
-    text = sbatch_text(cfg, tmp_path)
+    text = sbatch_text(cfg, tmp_path, monkeypatch)
     for line in ("--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=4", "--cpus-per-task=32", "--mem=256GB",
                  "--time=1440"):
         assert f"#SBATCH {line}\n" in text, text
     assert "--partition" not in text
 
 
-def test_slurm_launcher_multinode(conf_dir, tmp_path):
+def test_slurm_launcher_multinode(conf_dir, tmp_path, monkeypatch):
     cfg = launcher(conf_dir, "hydra/launcher=slurm_multinode")
     assert cfg._target_ == SLURM_LAUNCHER
     assert (cfg.nodes, cfg.tasks_per_node, cfg.gpus_per_node, cfg.array_parallelism) == (2, 1, 4, 8)
     cfg = launcher(conf_dir, "hydra/launcher=slurm_multinode", "hydra.launcher.nodes=4", "hydra.launcher.gpus_per_node=8")
-    text = sbatch_text(cfg, tmp_path)
+    text = sbatch_text(cfg, tmp_path, monkeypatch)
     assert "#SBATCH --nodes=4\n" in text and "#SBATCH --ntasks-per-node=1\n" in text and "--gpus-per-node=8" in text
 
 
-def test_slurm_launcher_local(conf_dir, tmp_path):
+def test_slurm_launcher_local(conf_dir, tmp_path, monkeypatch):
     cfg = launcher(conf_dir, "hydra/launcher=slurm_local")
     assert cfg._target_ == SLURM_LAUNCHER
     assert (cfg.partition, cfg.nodes, cfg.tasks_per_node, cfg.gpus_per_node) == ("debug", 1, 1, None)
     assert (cfg.cpus_per_task, cfg.mem_gb, cfg.array_parallelism) == (1, 4, 2)
     assert cfg.timeout_min <= 30
-    text = sbatch_text(cfg, tmp_path)
+    text = sbatch_text(cfg, tmp_path, monkeypatch)
     assert "#SBATCH --partition=debug\n" in text and "gpus" not in text
 
 

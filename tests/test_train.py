@@ -14,14 +14,14 @@ from im_repro import prepare, train
 from im_repro.collate import Collator
 from im_repro.masking import encode_full
 from im_repro.model import load_model
-from tests.conftest import compose_with, shared_file
+from tests.conftest import CONVERSATIONS, compose_with
 
 SMALL = ("model=tiny", "train=smoke", "train.max_seq_length=128", "train.global_batch_size=4",
          "train.per_device_batch_size=2", "train.max_steps=2", "train.save_strategy=no")
 
 
 def pipeline(run_dir, *overrides, limit=16, stages=("prepare", "train")):
-    cfg = compose_with("data=lima", f"data.path={shared_file('lima_data.jsonl')}", f"data.limit={limit}",
+    cfg = compose_with("data=lima", f"data.path={CONVERSATIONS}", f"data.limit={limit}",
                        *SMALL, *overrides)
     for stage in stages:
         {"prepare": prepare.run, "train": train.run}[stage](cfg, run_dir)
