@@ -195,6 +195,7 @@ class JudgeConfig:
 class HumanEvalConfig:
     enabled: bool = False
     execute: bool = False  # run model-written code (sandboxed); off unless the user opts in
+    allow_unisolated: bool = False  # also run it where no network namespace can be made (socket guard only)
     n: int = 20
     temperatures: list[float] = field(default_factory=lambda: [0.1, 0.7])
     top_p: float = 0.95

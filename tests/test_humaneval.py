@@ -7,12 +7,17 @@ harming the machine; hangs and memory hogs rely on the sandbox's limits with a s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -26,16 +31,21 @@ PROBLEMS = humaneval.load_problems()
 FAST = sandbox.Limits(timeout_s=2.0, memory_mb=256)  # a hog reaches the limit well within the timeout
 
 
-@pytest.fixture(scope="module", params=["detected", "without namespaces"])
+def run(source: str, limits: sandbox.Limits, iso: sandbox.Isolation) -> sandbox.Result:
+    """Run under `iso` whatever it is: the fallback without a network namespace needs the user's opt-in."""
+    return sandbox.run_program(source, limits, iso, allow_unisolated=True)
+
+
+@pytest.fixture(scope="module", params=sandbox.TOOLS)
 def iso(request) -> sandbox.Isolation:
-    """What this machine uses, and the fallback for machines where namespaces cannot be made (socket guard)."""
-    detected = sandbox.detect()
-    if request.param == "detected":
-        return detected
-    fallback = sandbox.Isolation(False, False, detected.throwaway_uid, detected.python)
-    if fallback == detected:
-        pytest.skip("no namespaces here: the detected isolation is already the fallback")
-    return fallback
+    """Each isolation this machine allows: bubblewrap (a system package: `make test-bwrap` installs it and fails
+    rather than skips without it), unshare's namespaces, and the fallback without namespaces (socket guard)."""
+    found = sandbox.probe(request.param)
+    if found is None:
+        if request.param == "bwrap" and os.environ.get("IM_REPRO_REQUIRE_BWRAP") == "1":
+            pytest.fail("bwrap does not run a program here")
+        pytest.skip(f"{request.param} cannot run a program here")
+    return found
 
 
 def test_pass_at_k_known_values():
@@ -58,7 +68,7 @@ def test_check_program_is_human_evals():
 def test_canonical_solutions_pass(iso):
     problems = PROBLEMS[:10]
     programs = [humaneval.check_program(p, p["canonical_solution"]) for p in problems]
-    results = dict(sandbox.run_many(programs, FAST, workers=2, isolation=iso))
+    results = dict(sandbox.run_many(programs, FAST, workers=2, isolation=iso, allow_unisolated=True))
     assert [results[i].status for i in range(len(problems))] == ["passed"] * len(problems), results
     correct = [int(results[i].passed) for i in range(len(problems))]
     assert humaneval.pass_rates(correct, 1, [1])["pass@1"] == 1.0
@@ -83,18 +93,18 @@ def test_broken_programs_score_zero_and_the_evaluator_carries_on(iso):
     p = PROBLEMS[0]
     programs = [humaneval.check_program(p, completion) for completion, _, _ in BROKEN.values()]
     start = time.monotonic()
-    results = dict(sandbox.run_many(programs, FAST, workers=4, isolation=iso))
+    results = dict(sandbox.run_many(programs, FAST, workers=4, isolation=iso, allow_unisolated=True))
     assert time.monotonic() - start < 4 * FAST.timeout_s  # the hangs ran side by side, each cut at the limit
     for i, (name, (_, status, text)) in enumerate(BROKEN.items()):
         assert (results[i].status, results[i].passed) == (status, False), (name, results[i])
         assert text in results[i].output, (name, results[i].output)
         assert len(results[i].output) <= FAST.output_chars
     # The same evaluator still runs a correct program.
-    assert sandbox.run_program(humaneval.check_program(p, p["canonical_solution"]), FAST, iso).passed
+    assert run(humaneval.check_program(p, p["canonical_solution"]), FAST, iso).passed
 
 
 def test_output_is_truncated_to_its_tail(iso):
-    result = sandbox.run_program("print('x' * 100_000)\nprint('the end')\n", FAST, iso)
+    result = run("print('x' * 100_000)\nprint('the end')\n", FAST, iso)
     assert result.passed and len(result.output) == FAST.output_chars and result.output.endswith("the end\n")
 
 
@@ -102,11 +112,20 @@ def test_output_is_truncated_to_its_tail(iso):
     "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=3)\n",
     "import _socket\n_socket.socket().connect(('1.1.1.1', 53))\n",  # under the socket module
     "import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=3)\n",  # fails even offline
-], ids=["public", "_socket", "localhost"])
+    "import subprocess, sys\nsubprocess.run([sys.executable, '-c', 'import socket; "
+    "socket.create_connection((\"127.0.0.1\", {port}), timeout=3)'], check=True)\n",  # under the socket guard
+], ids=["public", "_socket", "localhost", "subprocess"])
 def test_network_is_unreachable(iso, program):
+    if "subprocess" in program and not iso.network_namespace:
+        pytest.skip("the socket guard does not reach a subprocess: why the fallback runs only on the user's opt-in")
     with socket.create_server(("127.0.0.1", 0)) as server:  # listening here: only isolation makes a connect fail
-        result = sandbox.run_program(program.format(port=server.getsockname()[1]), FAST, iso)
-    assert result.status == "failed" and "OSError" in result.output, result
+        result = run(program.format(port=server.getsockname()[1]), FAST, iso)
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):  # no connection came in
+            server.accept()
+    # unshare's network namespace has no interface up (unreachable); bwrap's has its own loopback (refused).
+    assert result.status == "failed", result
+    assert any(e in result.output for e in ("OSError", "ConnectionRefusedError", "CalledProcessError")), result
     assert result.isolation == iso.summary()
 
 
@@ -123,10 +142,11 @@ try:
 except OSError as e:
     print('refused', e)
 """
-    result = sandbox.run_program(program, FAST, iso)
+    result = run(program, FAST, iso)
     assert result.passed, result
     cwd, sandbox_home = result.output.splitlines()[0].split()
-    assert cwd == sandbox_home and not Path(cwd).exists()  # HOME was the working directory, now removed
+    assert cwd == sandbox_home  # HOME is the working directory: bwrap's private /tmp, else a folder now removed
+    assert cwd == "/tmp" if iso.tool == "bwrap" else not Path(cwd).exists()
     assert not (home / "marker").exists()
     if iso.throwaway_uid:  # without it only HOME is redirected: an absolute path is the evaluator's to guard
         assert "refused" in result.output and not (home / "escaped").exists()
@@ -166,7 +186,7 @@ print('forked', n)
 time.sleep(0.3)
 {'time.sleep(1000)' if then == 'hang' else ''}
 """
-    result = sandbox.run_program(program, FAST, iso)
+    result = run(program, FAST, iso)
     try:
         assert result.status == ("timeout" if then == "hang" else "passed"), result
         forked = int(result.output.split()[1])
@@ -201,7 +221,8 @@ class FakeGenerator:
 
 
 def test_run_end_to_end(tmp_path, monkeypatch):
-    cfg = HumanEvalConfig(enabled=True, execute=True, n=4, ks=[1, 2, 10], limit=4, timeout_s=5, workers=2)
+    cfg = HumanEvalConfig(enabled=True, execute=True, allow_unisolated=True, n=4, ks=[1, 2, 10], limit=4,
+                          timeout_s=5, workers=2)
     ids = [p["task_id"] for p in PROBLEMS[:4]]
     generator = FakeGenerator({0.1: {ids[0]: 4, ids[1]: 4}, 0.7: {i: 3 for i in ids}})
     metrics = humaneval.run(cfg, generator, tmp_path, seed=7)
@@ -226,7 +247,8 @@ def test_run_end_to_end(tmp_path, monkeypatch):
     # A second run samples nothing and runs only the sandbox's self-test (a canonical solution).
     ran = []
     run_program = sandbox.run_program
-    monkeypatch.setattr(sandbox, "run_program", lambda source, *args: ran.append(source) or run_program(source, *args))
+    monkeypatch.setattr(sandbox, "run_program",
+                        lambda source, *args, **kwargs: ran.append(source) or run_program(source, *args, **kwargs))
     assert humaneval.run(cfg, generator, tmp_path, seed=7) == metrics
     assert len(generator.calls) == 2
     assert ran == [humaneval.check_program(PROBLEMS[0], PROBLEMS[0]["canonical_solution"])]
@@ -257,10 +279,140 @@ def test_without_execute_there_is_no_score(tmp_path, caplog, monkeypatch):
 
 
 def test_a_broken_sandbox_stops_the_run_rather_than_scoring_zero(tmp_path, monkeypatch):
-    broken = sandbox.Isolation(False, False, False, str(tmp_path / "no-python"))
-    assert sandbox.run_program("pass", FAST, broken).status == "error"
+    broken = sandbox.Isolation("none", False, str(tmp_path / "no-python"))
+    assert run("pass", FAST, broken).status == "error"
     monkeypatch.setattr(sandbox, "detect", lambda: broken)
-    cfg = HumanEvalConfig(enabled=True, execute=True, n=1, limit=1, workers=1)
+    cfg = HumanEvalConfig(enabled=True, execute=True, allow_unisolated=True, n=1, limit=1, workers=1)
     with pytest.raises(RuntimeError, match="canonical solution"):
         humaneval.run(cfg, FakeGenerator({0.1: {}, 0.7: {}}), tmp_path, seed=0)
     assert not list(tmp_path.glob("metrics*"))
+
+
+# --- Hostile programs: the four escapes an audit found (issue 17). Each ran through today's sandbox and escaped.
+
+def test_a_program_that_leaves_its_session_does_not_outlive_the_run(iso, tmp_path):
+    """The program itself calls setsid() and outlives the wall clock: no process of it, and no file, survive."""
+    tag = f"3.{uuid.uuid4().int % 10 ** 9:09d}"  # a unique sleep length, past the 2 s timeout
+    drop = Path(tempfile.mkdtemp(prefix="im-repro-escape-"))  # world-writable, like /tmp, for a leaked process
+    drop.chmod(0o777)
+    marker = drop / "escaped"
+    program = f"""
+import os
+try:
+    os.setsid()
+except PermissionError:  # already a session leader (the fallback starts it in a session of its own)
+    pass
+os.execvp('sh', ['sh', '-c', 'sleep {tag}; echo escaped > {marker}'])
+"""
+    start = time.monotonic()
+    try:
+        result = run(program, FAST, iso)
+        assert result.status == "timeout", result
+        gone = time.monotonic() + 1  # SIGKILL is delivered at once, but a process takes a moment to go
+        while processes_with(tag) and time.monotonic() < gone:
+            time.sleep(0.05)
+        assert processes_with(tag) == [], "a process of the program outlived its run"
+        time.sleep(max(0.0, start + float(tag) + 0.5 - time.monotonic()))  # when a survivor would write its file
+        assert not marker.exists() and processes_with(tag) == []
+    finally:
+        for pid in processes_with(tag):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(drop)
+
+
+def test_two_evaluator_processes_never_share_a_uid(iso):
+    if not iso.throwaway_uid:
+        pytest.skip("no throwaway uids here (not root)")
+    script = ("import sys; from im_repro.evaluate import sandbox; "
+              f"iso = sandbox.Isolation(**{iso.fields()!r}); "
+              "r = sandbox.run_program('import os; print(os.getuid())', isolation=iso, allow_unisolated=True); "
+              "print(r.output.strip())")
+    uids = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+            .stdout.split()[-1] for _ in range(2)]
+    assert uids[0] != uids[1] and all(int(u) >= sandbox.UID_RANGE[0] for u in uids), uids
+
+
+def test_a_uid_in_use_is_never_handed_out(monkeypatch):
+    """Leased under a lock across processes, and skipped while any process still runs as it."""
+    if os.geteuid() != 0:
+        pytest.skip("throwaway uids are for root")
+    low = sandbox.UID_RANGE[0] + uuid.uuid4().int % 1000
+    held, busy, free = low, low + 1000, low + 2000
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from im_repro.evaluate import sandbox\n"
+                               f"with sandbox.lease_uid(lambda: {held}):\n    print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    sleeper = subprocess.Popen(["sleep", "30"], user=busy, group=busy, extra_groups=[])
+    try:
+        assert holder.stdout.readline() == "held\n"
+        candidates = iter([held, busy, free])
+        with sandbox.lease_uid(lambda: next(candidates)) as uid:
+            assert uid == free
+    finally:
+        holder.communicate("")
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_the_program_cannot_rewrite_itself(iso):
+    """Its folder is not its own: a process left over from an earlier run could otherwise replace program.py."""
+    if not iso.throwaway_uid:
+        pytest.skip("without a throwaway uid the program runs as the evaluator's user")
+    program = """
+import os, sys
+for attempt in (lambda: open(sys.argv[0], 'a').write('x'), lambda: os.remove(sys.argv[0]),
+                lambda: os.rename(sys.argv[0], sys.argv[0] + '.old')):
+    try:
+        attempt()
+        print('rewrote')
+    except OSError:
+        print('refused')
+"""
+    result = run(program, FAST, iso)
+    assert result.passed and result.output.split() == ["refused"] * 3, result
+
+
+FORGE = """
+import atexit, os, re, sys, __main__
+def forge():
+    found = list(getattr(sys, 'orig_argv', [])) if {source!r} == 'argv' else []
+    if {source!r} == 'globals':
+        found = [v for v in vars(__main__).values() if isinstance(v, (str, bytes))]
+    if {source!r} in ('cmdline', 'environ'):
+        found = open('/proc/self/{source}', 'rb').read().split(b'\\0')
+    for value in found:
+        value = value.decode(errors='replace') if isinstance(value, bytes) else value
+        if re.fullmatch('[0-9a-f]{{32}}', value):
+            os.write(1, value.encode())
+            os._exit(0)
+    print('nothing found')
+    os._exit(0)
+{when}
+"""
+
+
+@pytest.mark.parametrize("when", ["now", "atexit"])
+@pytest.mark.parametrize("source", ["argv", "globals", "cmdline", "environ"])
+def test_a_wrong_answer_cannot_forge_the_verdict(iso, source, when):
+    """The pass token is out of the program's reach: it cannot print it, before its check or after (atexit)."""
+    p = PROBLEMS[0]
+    completion = FORGE.format(source=source, when="forge()" if when == "now" else "atexit.register(forge)")
+    completion = "\n".join("    " + line for line in completion.splitlines()) + "\n    return False\n"
+    result = run(humaneval.check_program(p, completion), FAST, iso)
+    assert result.status == "failed", result
+
+
+def test_an_exception_in_atexit_fails_the_run(iso):
+    p = PROBLEMS[0]
+    completion = "    import atexit; atexit.register(lambda: 1 / 0)\n" + p["canonical_solution"]
+    result = run(humaneval.check_program(p, completion), FAST, iso)
+    assert result.status == "failed" and "ZeroDivisionError" in result.output, result
+
+
+def test_without_network_isolation_nothing_runs_unless_the_user_opts_in(tmp_path):
+    unisolated = dataclasses.replace(sandbox.detect(), tool="none")
+    marker = tmp_path / "ran"
+    program = f"open({str(marker)!r}, 'w').write('x')\n"
+    result = sandbox.run_program(program, FAST, unisolated)
+    assert result.status == "error" and "eval.humaneval.allow_unisolated=true" in result.output, result
+    assert not marker.exists()
+    assert sandbox.run_program("pass", FAST, unisolated, allow_unisolated=True).passed

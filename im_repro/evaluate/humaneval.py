@@ -5,7 +5,7 @@ n samples per problem (20), top_p 0.95, 512 new tokens, cut at the first of "\\n
 prompts with BOS, no chat format.
 
 Running model-written code is opt-in (`eval.humaneval.execute=true`). When it is on, every sample runs in
-`sandbox`. When it is off, the samples are written and no score is given. Samples and execution results are
+`sandbox`; where that cannot make a network namespace, only with `eval.humaneval.allow_unisolated=true` too. When it is off, the samples are written and no score is given. Samples and execution results are
 cached per problem, so a re-run only does what is missing:
 
     <out>/samples_t{T}.jsonl   {task_id, prompt, outputs: [n completions]}
@@ -87,14 +87,15 @@ def sample(cfg, generator, problems: list[dict], path: Path, *, temperature: flo
 
 
 def execute(records: list[dict], problems: dict[str, dict], path: Path, limits: sandbox.Limits, *, workers: int,
-            desc: str) -> list[dict]:
+            allow_unisolated: bool, desc: str) -> list[dict]:
     """Run every sample of every problem whose cached results are missing or belong to other samples."""
     store = ResumableOutputs(path, "task_id")
     todo = [r for r in records if store.records.get(r["task_id"], {}).get("sha256") != outputs_digest(r["outputs"])]
     jobs = [(r, j) for r in todo for j in range(len(r["outputs"]))]
     programs = [check_program(problems[r["task_id"]], r["outputs"][j]) for r, j in jobs]
     done: dict[str, list[tuple[int, dict]]] = {r["task_id"]: [] for r in todo}
-    for i, result in sandbox.run_many(programs, limits, workers=workers, desc=desc):
+    for i, result in sandbox.run_many(programs, limits, workers=workers, allow_unisolated=allow_unisolated,
+                                          desc=desc):
         record, j = jobs[i]
         if result.status == "error":  # the sandbox itself failed: stop rather than score the sample 0
             raise RuntimeError(f"humaneval: {result.output}")
@@ -118,16 +119,22 @@ def run(cfg, generator, out_dir: Path, *, seed: int) -> dict[str, float]:
         write_json(out_dir / "metrics.json", {"missing": NOT_EXECUTED})
         return {}
 
+    iso = sandbox.detect()
+    if not iso.network_namespace and not cfg.allow_unisolated:
+        log.warning("humaneval: %s", sandbox.UNISOLATED)
+        write_json(out_dir / "metrics.json", {"missing": f"HumanEval samples were not executed: {sandbox.UNISOLATED}"})
+        return {}
     limits = sandbox.Limits(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb)
-    known = sandbox.run_program(check_program(problems[0], problems[0]["canonical_solution"]), limits)
+    known = sandbox.run_program(check_program(problems[0], problems[0]["canonical_solution"]), limits,
+                                allow_unisolated=cfg.allow_unisolated)
     if not known.passed:  # a sandbox that fails everything would report a false 0
         raise RuntimeError(f"humaneval: the sandbox fails a canonical solution ({known.status}): {known.output}")
-    settings = {"isolation": sandbox.detect().describe(), "limits": asdict(limits), "workers": cfg.workers}
+    settings = {"isolation": iso.describe(), "limits": asdict(limits), "workers": cfg.workers}
     by_id = {p["task_id"]: p for p in problems}
     per_temperature = {}
     for t, records in samples.items():
         results = execute(records, by_id, out_dir / f"results_t{t:g}.jsonl", limits, workers=cfg.workers,
-                          desc=f"humaneval T={t:g} execute")
+                          allow_unisolated=cfg.allow_unisolated, desc=f"humaneval T={t:g} execute")
         correct = [sum(s["passed"] for s in r["results"]) for r in results]
         per_temperature[t] = pass_rates(correct, cfg.n, list(cfg.ks))
         statuses = Counter(s["status"] for r in results for s in r["results"])

