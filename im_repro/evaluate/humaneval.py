@@ -5,8 +5,9 @@ n samples per problem (20), top_p 0.95, 512 new tokens, cut at the first of "\\n
 prompts with BOS, no chat format.
 
 Running model-written code is opt-in (`eval.humaneval.execute=true`). When it is on, every sample runs in
-`sandbox`; where that cannot make a network namespace, only with `eval.humaneval.allow_unisolated=true` too. When it is off, the samples are written and no score is given. Samples and execution results are
-cached per problem, so a re-run only does what is missing:
+`sandbox`; where that cannot make a network namespace, only with `eval.humaneval.allow_unisolated=true` as well.
+When it is off, the samples are written and no score is given. Samples and execution results are cached per
+problem, so a re-run only does what is missing:
 
     <out>/samples_t{T}.jsonl   {task_id, prompt, outputs: [n completions]}
     <out>/results_t{T}.jsonl   {task_id, sha256 of the outputs, passed/status/output per sample}
