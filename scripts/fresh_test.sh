@@ -4,9 +4,10 @@
 #   scripts/fresh_test.sh [--no-shared] [MAKE_TARGET...]      (default target: test)
 #
 # Clones the committed HEAD into a temporary folder (uncommitted changes are not tested), puts ../shared beside the
-# clone when this checkout has one (--no-shared leaves it out, as on a user's clone), hides SLURM's commands from
-# PATH, points the project's caches at empty folders, and runs `make test` there: `make setup` builds a new venv
-# and the artifacts, so a missing install step or a test that leans on what this machine happens to have fails here.
+# clone when this checkout has one (--no-shared leaves it out, as on a user's clone), hides SLURM's commands and
+# bubblewrap (system packages a fresh machine lacks) from PATH, points the project's caches at empty folders, and
+# runs `make test` there: `make setup` builds a new venv and the artifacts, so a missing install step or a test that
+# leans on what this machine happens to have fails here.
 set -euo pipefail
 repo=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 shared=yes
@@ -24,8 +25,8 @@ else
   echo "no ../shared beside it"
 fi
 
-# Each PATH folder holding a SLURM command is replaced by a folder of links to everything else in it.
-hidden=(srun sbatch sinfo squeue scontrol scancel salloc)
+# Each PATH folder holding one of these commands is replaced by a folder of links to everything else in it.
+hidden=(srun sbatch sinfo squeue scontrol scancel salloc bwrap)
 path=()
 IFS=: read -ra dirs <<<"$PATH"
 for i in "${!dirs[@]}"; do

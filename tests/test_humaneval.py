@@ -45,7 +45,9 @@ def iso(request) -> sandbox.Isolation:
     if found is None:
         if request.param == "bwrap" and os.environ.get("IM_REPRO_REQUIRE_BWRAP") == "1":
             pytest.fail("bwrap does not run a program here")
-        pytest.skip(f"{request.param} cannot run a program here")
+        installed = request.param == "none" or shutil.which(request.param) is not None
+        pytest.skip(f"{request.param} cannot run a program here" if installed else
+                    f"{request.param} is not installed (for bwrap: make test-bwrap installs it)")
     return found
 
 
