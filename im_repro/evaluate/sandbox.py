@@ -275,7 +275,8 @@ def _no_uid() -> Iterator[None]:
 
 def _run(source: str, limits: Limits, iso: Isolation, uid: int | None, start: float) -> Result:
     token = uuid.uuid4().hex
-    # The folder and program.py are the evaluator's; the program may write only in work/ (its cwd, HOME, TMPDIR).
+    # The folder and program.py are the evaluator's; the program writes only in work/ (its cwd, HOME and TMPDIR;
+    # under bwrap, its private /tmp instead).
     with tempfile.TemporaryDirectory(prefix="im-repro-sandbox-", ignore_cleanup_errors=True) as folder, \
             tempfile.TemporaryFile() as output:  # outside `folder`, so the program cannot remove or rewrite it
         os.chmod(folder, 0o755)
@@ -297,6 +298,7 @@ def _run(source: str, limits: Limits, iso: Isolation, uid: int | None, start: fl
                                     stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
                                     pass_fds=(read_end,), **ids)
         except OSError as e:
+            os.close(write_end)
             return Result("error", None, f"could not start the sandbox: {e}", time.monotonic() - start, iso.summary())
         finally:
             os.close(read_end)
