@@ -156,6 +156,16 @@ def _pid_uids() -> set[int]:
     return uids
 
 
+def _locked(fd: int, path: Path) -> bool:
+    """Whether this process now holds `path`'s lock. A holder removes its file when done, so a lock won on a file
+    that is no longer at `path` leases nothing."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except (BlockingIOError, FileNotFoundError):
+        return False
+
+
 @contextmanager
 def lease_uid(pick: Callable[[], int] = lambda: random.randrange(*UID_RANGE)) -> Iterator[int]:
     """A throwaway uid no other run holds, in this process or any other: each held by an exclusive lock on its own
@@ -163,18 +173,17 @@ def lease_uid(pick: Callable[[], int] = lambda: random.randrange(*UID_RANGE)) ->
     UID_LEASES.mkdir(mode=0o700, parents=True, exist_ok=True)
     for _ in range(100):
         uid = pick()
-        fd = os.open(UID_LEASES / str(uid), os.O_RDWR | os.O_CREAT, 0o600)
+        path = UID_LEASES / str(uid)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        held = _locked(fd, path)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        try:
-            if uid not in _pid_uids():
+            if held and uid not in _pid_uids():
                 yield uid
                 return
         finally:
-            os.close(fd)  # drops the lock; the file stays, so a waiting lock never sits on a removed file
+            if held:
+                os.unlink(path)  # before the lock goes, so nobody locks a file about to vanish
+            os.close(fd)
     raise RuntimeError(f"sandbox: no free uid in {UID_RANGE} after 100 tries (see {UID_LEASES})")
 
 
