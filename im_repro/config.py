@@ -260,6 +260,16 @@ class AnalysisConfig:
 
 
 @dataclass
+class StatsConfig:
+    """The bootstrap behind every standard error and paired interval the report prints (im_repro.stats)."""
+
+    resamples: int = 10000
+    confidence: float = 0.95
+    seed: int = 0  # the bootstrap's own seed, apart from training: the same runs always get the same intervals
+    method: str = "BCa"  # scipy.stats.bootstrap's interval: BCa | percentile | basic
+
+
+@dataclass
 class ReportConfig:
     """What the report stage builds from the finished runs of `experiment`, and where."""
 
