@@ -24,6 +24,7 @@ import numpy as np
 from scipy import stats as sps
 
 from im_repro.config import StatsConfig
+from im_repro.runs import read_jsonl
 
 Items = Mapping[str, float]  # item id -> contribution; the plain mean is the cell
 
@@ -84,11 +85,9 @@ def humaneval_items(folder: Path, temperature: float, k: int = 1) -> dict[str, f
 
     path = Path(folder) / f"results_t{temperature:g}.jsonl"
     items = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            passed = [s["passed"] for s in record["results"]]
-            items[record["task_id"]] = 100.0 * float(estimate_pass_at_k([len(passed)], [sum(passed)], k)[0])
+    for record in read_jsonl(path):
+        passed = [s["passed"] for s in record["results"]]
+        items[record["task_id"]] = 100.0 * float(estimate_pass_at_k([len(passed)], [sum(passed)], k)[0])
     return items
 
 
@@ -115,12 +114,10 @@ def mt_bench_items(judgment_file: Path, turn: int | None = None) -> dict[str, fl
     mtbench.summarize reports. Questions with no valid rating are left out (metrics.json counts them)."""
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
-    for line in Path(judgment_file).read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            if r["score"] != -1 and (turn is None or r["turn"] == turn):
-                sums[str(r["question_id"])] += r["score"]
-                counts[str(r["question_id"])] += 1
+    for r in read_jsonl(judgment_file):
+        if r["score"] != -1 and (turn is None or r["turn"] == turn):
+            sums[str(r["question_id"])] += r["score"]
+            counts[str(r["question_id"])] += 1
     n = sum(counts.values())
     return {q: s * len(sums) / n for q, s in sums.items()}
 
