@@ -20,6 +20,11 @@ class OnInvalid(str, Enum):
     skip = "skip"
 
 
+class Structure(str, Enum):
+    strict = "strict"
+    lenient = "lenient"
+
+
 class LossMode(str, Enum):
     it = "it"
     im = "im"
@@ -76,6 +81,12 @@ class DataConfig:
     limit: Optional[int] = None  # keep the first N valid examples
     subset: SubsetConfig = field(default_factory=SubsetConfig)
     on_invalid: OnInvalid = OnInvalid.error
+    # strict: an assistant-first conversation or roles not alternating is an invalid row (error, or skipped and
+    # counted); lenient: accepted and counted. A conversation without an assistant turn is invalid either way.
+    structure: Structure = Structure.strict
+    # An example whose truncation at train.max_seq_length leaves no output token is dropped and counted (under IM it
+    # would train on its instruction alone); true keeps it where its mode still supervises a token (the paper's code).
+    keep_output_less: bool = False
     licence: str = "see the source"
 
 

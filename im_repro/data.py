@@ -3,13 +3,16 @@
 Every example becomes `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` plus `id` and
 `dataset` when the source has them. Rows come from a local .json/.jsonl file, a URL (downloaded once into the cache,
 checked against its sha256 when the config gives one), a Hugging Face Hub dataset, or a rebuild recipe. Bad rows
-raise `DataError` naming file, line and field, or with `on_invalid=skip` are counted and reported, never lost
-silently.
+raise `DataError` naming file, line and field, or with `on_invalid=skip` are counted by reason and reported, never
+lost silently. Files are read as bytes: a leading BOM is accepted, and invalid UTF-8 spoils only the rows it is in.
+Conversations must also have a sensible structure (`data.structure`, see `structure_problem`).
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -24,19 +27,25 @@ import numpy as np
 from im_repro.config import plain
 
 ROLES = ("system", "user", "assistant")
+# Why a row was not kept, as counted in data_stats.json (every reason listed, zeros included).
+REASONS = ("invalid_utf8", "bad_json", "invalid_field",
+           "no_assistant_turn", "first_turn_not_user", "roles_not_alternating")
+# The structure reasons that data.structure=lenient accepts (and counts); a conversation with nothing to answer
+# is never accepted: under IM it would train on its instruction alone.
+LENIENT_REASONS = ("first_turn_not_user", "roles_not_alternating")
 
 
 class DataError(ValueError):
-    """A row that cannot become a conversation; the message names where and which field."""
+    """A row that cannot become a conversation; the message names where, which field and why."""
 
-    def __init__(self, where: str, field_name: str, problem: str):
-        self.where, self.field, self.problem = where, field_name, problem
-        super().__init__(f"{where}: field {field_name!r}: {problem}")
+    def __init__(self, where: str, field_name: str, problem: str, reason: str = "invalid_field"):
+        self.where, self.field, self.problem, self.reason = where, field_name, problem, reason
+        super().__init__(f"{where}: field {field_name!r}: {problem} [{reason}]")
 
 
 class _Invalid(Exception):
-    def __init__(self, field_name: str, problem: str):
-        self.field, self.problem = field_name, problem
+    def __init__(self, field_name: str, problem: str, reason: str = "invalid_field"):
+        self.field, self.problem, self.reason = field_name, problem, reason
 
 
 # ------------------------------------------------------------------------------------------ converters -------
@@ -127,33 +136,98 @@ def validate_messages(messages: list[dict]) -> None:
             raise _Invalid(f"messages[{k}]", f"unknown keys {sorted(extra)}")
 
 
+def structure_problem(messages: list[dict]) -> _Invalid | None:
+    """The first structure rule a (field-valid) conversation breaks, or None.
+
+    After any leading system messages the turns must go user, assistant, user, ... and at least one must be the
+    assistant's: an assistant-first conversation or two user turns in a row is not what the templates expect.
+    """
+    if not any(m["role"] == "assistant" for m in messages):
+        return _Invalid("messages", "no assistant turn: nothing to answer", "no_assistant_turn")
+    start = next(k for k, m in enumerate(messages) if m["role"] != "system")
+    if messages[start]["role"] != "user":
+        return _Invalid(f"messages[{start}].role", f"the first non-system message is from {messages[start]['role']!r}, "
+                        "not the user", "first_turn_not_user")
+    for k in range(start, len(messages)):
+        expected = ("user", "assistant")[(k - start) % 2]
+        if messages[k]["role"] != expected:
+            return _Invalid(f"messages[{k}].role", f"expected {expected!r} (turns alternate user / assistant), got "
+                            f"{messages[k]['role']!r}", "roles_not_alternating")
+    return None
+
+
 # ------------------------------------------------------------------------------------------ row sources ------
 
 
+def _invalid_bytes(raw: bytes) -> list[int]:
+    """Offsets of the bytes of `raw` that are not valid UTF-8 (each becomes one surrogate under surrogateescape)."""
+    bad, start = [], 0
+    while True:
+        try:
+            raw[start:].decode("utf-8")
+            return bad
+        except UnicodeDecodeError as e:
+            bad.extend(range(start + e.start, start + e.end))
+            start += e.end
+
+
+def _escaped_bytes(value) -> int:
+    """How many undecodable bytes (surrogateescape's U+DC80..U+DCFF) a parsed JSON value holds."""
+    if isinstance(value, str):
+        return sum(1 for c in value if "\udc80" <= c <= "\udcff")
+    if isinstance(value, dict):
+        return sum(_escaped_bytes(k) + _escaped_bytes(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(_escaped_bytes(v) for v in value)
+    return 0
+
+
 def iter_json_rows(path: str | Path) -> Iterator[tuple[str, dict | _Invalid]]:
-    """(where, row) for a .jsonl (one object per line) or .json (a list of objects) file."""
+    """(where, row) for a .jsonl (one object per line) or .json (a list of objects) file.
+
+    Read as bytes, so that a row holding invalid UTF-8 becomes an invalid row (file, line and byte offset) and the
+    rows around it are kept; a leading BOM, which Windows tools write, is skipped.
+    """
     path = Path(path)
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
+        with path.open("rb") as f:
+            offset = 0
             for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+                start, offset = offset, offset + len(line)
+                if lineno == 1 and line.startswith(codecs.BOM_UTF8):
+                    line, start = line[len(codecs.BOM_UTF8):], start + len(codecs.BOM_UTF8)
                 where = f"{path}:{lineno}"
                 try:
-                    row = json.loads(line)
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield where, _Invalid("<utf-8>", f"invalid UTF-8 at byte offset {start + e.start}", "invalid_utf8")
+                    continue
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
                 except json.JSONDecodeError as e:
-                    yield where, _Invalid("<json>", f"bad JSON: {e.msg} at column {e.colno}")
+                    yield where, _Invalid("<json>", f"bad JSON: {e.msg} at column {e.colno}", "bad_json")
                     continue
                 yield where, row if isinstance(row, dict) else _Invalid("<row>", "expected a JSON object")
     elif path.suffix == ".json":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+        try:  # undecodable bytes become lone surrogates, so one bad record does not lose the file
+            rows = json.loads(raw.decode("utf-8-sig", "surrogateescape"))
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}", "<json>", f"bad JSON: {e.msg} at column {e.colno}") from None
+            where = f"{path}:{e.lineno}"
+            raise DataError(where, "<json>", f"bad JSON: {e.msg} at column {e.colno}", "bad_json") from None
         if not isinstance(rows, list):
             raise DataError(str(path), "<file>", "a .json data file must hold a list of objects")
+        bad = iter(_invalid_bytes(raw))  # in file order, as the records hold them
         for k, row in enumerate(rows):
-            yield f"{path}: record {k}", row if isinstance(row, dict) else _Invalid("<row>", "expected an object")
+            offsets = list(itertools.islice(bad, _escaped_bytes(row)))
+            if offsets:
+                line = raw.count(b"\n", 0, offsets[0]) + 1
+                row = _Invalid("<utf-8>", f"invalid UTF-8 at byte offset {offsets[0]} (line {line})", "invalid_utf8")
+            elif not isinstance(row, dict):
+                row = _Invalid("<row>", "expected an object")
+            yield f"{path}: record {k}", row
     else:
         raise DataError(str(path), "<file>", "expected a .json or .jsonl file")
 
@@ -216,8 +290,10 @@ class LoadReport:
     kept: int = 0
     skipped: int = 0
     filtered_out: int = 0  # rows of other subsets (dataset_regex), not errors
+    skipped_by_reason: Counter = field(default_factory=Counter)  # every skipped row, by one of REASONS
     skipped_by_field: Counter = field(default_factory=Counter)
     skipped_examples: list[str] = field(default_factory=list)  # the first few, with where and why
+    accepted_by_reason: Counter = field(default_factory=Counter)  # kept despite a rule (data.structure=lenient)
 
     def as_dict(self) -> dict:
         return {
@@ -226,8 +302,10 @@ class LoadReport:
             "kept": self.kept,
             "skipped_invalid": self.skipped,
             "filtered_out_by_dataset_regex": self.filtered_out,
+            "skipped_by_reason": {r: self.skipped_by_reason[r] for r in REASONS},
             "skipped_by_field": dict(self.skipped_by_field),
             "skipped_examples": self.skipped_examples,
+            "accepted_by_reason": {r: self.accepted_by_reason[r] for r in LENIENT_REASONS},
         }
 
 
@@ -255,6 +333,7 @@ def load_examples(cfg, cache_dir: str | Path) -> tuple[list[dict], LoadReport]:
         raise ValueError(f"data.converter={cfg.converter!r} is not one of {sorted(CONVERTERS)}")
     keep_dataset = re.compile(cfg.source.dataset_regex) if (cfg.source.dataset_regex and not cfg.path) else None
     skip = plain(cfg.on_invalid) == "skip"
+    lenient = plain(cfg.structure) == "lenient"
     report, examples = LoadReport(source), []
     for where, row in rows:
         if cfg.limit is not None and len(examples) >= cfg.limit:
@@ -268,13 +347,19 @@ def load_examples(cfg, cache_dir: str | Path) -> tuple[list[dict], LoadReport]:
                 continue
             messages = convert(row)
             validate_messages(messages)
+            problem = structure_problem(messages)
+            if problem and lenient and problem.reason in LENIENT_REASONS:
+                report.accepted_by_reason[problem.reason] += 1
+            elif problem:
+                raise problem
         except _Invalid as bad:
             if not skip:
-                raise DataError(where, bad.field, bad.problem) from None
+                raise DataError(where, bad.field, bad.problem, bad.reason) from None
             report.skipped += 1
+            report.skipped_by_reason[bad.reason] += 1
             report.skipped_by_field[bad.field] += 1
             if len(report.skipped_examples) < 20:
-                report.skipped_examples.append(f"{where}: field {bad.field!r}: {bad.problem}")
+                report.skipped_examples.append(f"{where}: field {bad.field!r}: {bad.problem} [{bad.reason}]")
             continue
         example = {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
         for key in ("id", "dataset"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 
 import pytest
@@ -131,3 +132,87 @@ def test_table5_reproduced_from_the_papers_files(tmp_path, name):
     assert report.skipped == 0
     for key, paper in zip(KEYS, TABLE5[name]):
         assert round(stats[key], 2) == round(paper, 2), (key, stats[key], paper)
+
+
+# ------------------------------------------------------------------------------ bytes: invalid UTF-8, BOM ----
+
+
+def test_invalid_utf8_names_file_line_and_byte_offset(tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = (json.dumps(GOOD) + "\n").encode()
+    path.write_bytes(good + good.replace(b'"Hi"', b'"H\xffi"') + good)
+    with pytest.raises(DataError) as err:
+        load_examples(cfg_for(path), tmp_path)
+    offset = path.read_bytes().index(b"\xff")
+    assert err.value.where == f"{path}:2" and err.value.reason == "invalid_utf8"
+    assert f"byte offset {offset}" in str(err.value)
+
+    examples, report = load_examples(cfg_for(path, on_invalid="skip"), tmp_path)
+    assert len(examples) == 2 and report.skipped == 1 and report.rows_read == 3
+    assert report.as_dict()["skipped_by_reason"]["invalid_utf8"] == 1
+
+
+def test_invalid_utf8_in_a_json_list_spoils_only_its_record(tmp_path):
+    path = tmp_path / "d.json"
+    records = [GOOD, {**GOOD, "id": "b"}, {**GOOD, "id": "c"}]
+    text = json.dumps(records, indent=1).encode()
+    second = text.index(b'"b"')
+    path.write_bytes(text[:second] + b'"\xc3("' + text[second + 3:])  # a truncated two-byte sequence
+    line = len(text[:second].splitlines())  # the last of which holds the bad byte
+    with pytest.raises(DataError, match=rf"record 1: field '<utf-8>': invalid UTF-8 at byte offset {second + 1} "
+                                        rf"\(line {line}\)"):
+        load_examples(cfg_for(path), tmp_path)
+    examples, report = load_examples(cfg_for(path, on_invalid="skip"), tmp_path)
+    assert [e["id"] for e in examples] == ["a", "c"] and report.skipped_by_reason["invalid_utf8"] == 1
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_leading_bom_is_accepted(tmp_path, suffix):
+    rows = [GOOD, {**GOOD, "id": "b"}]
+    text = json.dumps(rows) if suffix == ".json" else "".join(json.dumps(r) + "\n" for r in rows)
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(codecs.BOM_UTF8 + text.encode())
+    examples, report = load_examples(cfg_for(path), tmp_path)
+    assert [e["id"] for e in examples] == ["a", "b"] and report.skipped == 0
+
+
+# ------------------------------------------------------------------------------ conversation structure -------
+
+
+def turns(*roles):
+    return {"messages": [{"role": r, "content": f"{r} says"} for r in roles]}
+
+
+STRUCTURE = [
+    (turns("user"), "no_assistant_turn", "messages"),
+    (turns("system", "user", "user"), "no_assistant_turn", "messages"),
+    (turns("assistant", "user", "assistant"), "first_turn_not_user", "messages[0].role"),
+    (turns("system", "assistant", "user"), "first_turn_not_user", "messages[1].role"),
+    (turns("user", "user", "assistant"), "roles_not_alternating", "messages[1].role"),
+    (turns("user", "assistant", "assistant"), "roles_not_alternating", "messages[2].role"),
+    (turns("system", "user", "assistant", "system", "user", "assistant"), "roles_not_alternating", "messages[3].role"),
+]
+
+
+@pytest.mark.parametrize("row,reason,field", STRUCTURE)
+def test_structure_rules_name_their_reason(tmp_path, row, reason, field):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, row])
+    with pytest.raises(DataError) as err:
+        load_examples(cfg_for(path), tmp_path)
+    assert (err.value.where, err.value.reason, err.value.field) == (f"{path}:2", reason, field)
+    assert f"[{reason}]" in str(err.value)
+
+
+def test_structure_skip_counts_and_lenient_accepts_and_counts(tmp_path):
+    rows = [GOOD, turns("system", "user", "assistant", "user", "assistant")] + [r for r, _, _ in STRUCTURE]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    examples, report = load_examples(cfg_for(path, on_invalid="skip"), tmp_path)
+    assert len(examples) == 2
+    assert report.as_dict()["skipped_by_reason"] == {
+        "invalid_utf8": 0, "bad_json": 0, "invalid_field": 0,
+        "no_assistant_turn": 2, "first_turn_not_user": 2, "roles_not_alternating": 3,
+    }
+    examples, report = load_examples(cfg_for(path, on_invalid="skip", structure="lenient"), tmp_path)
+    assert len(examples) == 2 + 5  # only the conversations without an assistant turn are still skipped
+    assert report.skipped_by_reason == {"no_assistant_turn": 2}
+    assert report.as_dict()["accepted_by_reason"] == {"first_turn_not_user": 2, "roles_not_alternating": 3}
