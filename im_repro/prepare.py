@@ -1,10 +1,12 @@
 """The prepare stage: load -> validate -> render -> tokenize + mask -> save, with statistics.
 
 Writes `<run>/prepare/dataset/` (a `datasets` folder: input_ids, labels[, loss_weights], id, dataset and per-example
-token counts) and `<run>/prepare/data_stats.json`. Every example that is not kept is counted there: invalid rows
-(data.on_invalid=skip), truncated examples, and examples left with no supervised token, the latter also for every
-other loss mode, since IT and IM can drop different examples. Tokenization is cached under `prepare.cache_dir`,
-keyed on the examples, the tokenizer, the template, the loss mode and the maximum length.
+token counts) and `<run>/prepare/data_stats.json`. Every example that is not kept is counted there, by reason:
+invalid rows (data.on_invalid=skip), examples whose truncation left no output token (in every mode, unless
+data.keep_output_less=true), and examples left with no supervised token, the latter also for every other loss mode,
+since IT and IM can drop different examples; truncated examples are counted too. data_stats.json is written even when
+nothing is left to keep, so the reasons survive the failure. Tokenization is cached under `prepare.cache_dir`, keyed
+on the examples, the tokenizer, the template, the loss mode and the maximum length.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 from im_repro import data, masking, model, subsets
 from im_repro.config import plain
 from im_repro.masking import SPECIAL
-from im_repro.runs import StageOutput
+from im_repro.runs import StageOutput, write_json
 from im_repro.templates import Span
 
 log = logging.getLogger(__name__)
@@ -74,8 +76,15 @@ def cache_key(examples: list[dict], tokenizer, cfg) -> str:
     return h.hexdigest()[:20]
 
 
-def token_statistics(ds: datasets.Dataset, loss: str, weight) -> dict:
-    """Token totals and, per loss mode, how many examples that mode would drop for lack of supervised tokens."""
+def output_less(ds: datasets.Dataset) -> np.ndarray:
+    """Examples whose truncation left no output token: under IM they would train on their instruction alone."""
+    truncated = np.asarray(ds["num_tokens_untruncated"]) > np.asarray(ds["length"])
+    return truncated & (np.asarray(ds["num_output"]) == 0)
+
+
+def token_statistics(ds: datasets.Dataset, loss: str, weight, dropped_first: np.ndarray) -> dict:
+    """Token totals and, per loss mode, how many examples that mode would drop for lack of supervised tokens
+    (beyond `dropped_first`, the examples dropped whatever the mode)."""
     cols = {name: np.asarray(ds[f"num_{name}"], dtype=np.int64) for name in CLASS_NAMES.values()}
     n_tokens = np.asarray(ds["num_tokens_untruncated"], dtype=np.int64)
     lengths = sum(cols.values()) + 1  # + position 0
@@ -89,6 +98,7 @@ def token_statistics(ds: datasets.Dataset, loss: str, weight) -> dict:
     return {
         "examples": len(ds),
         "truncated": int(np.count_nonzero(n_tokens > lengths)),
+        "truncated_no_output": int(np.count_nonzero(output_less(ds))),
         "tokens": {
             "total": int(lengths.sum()),
             "total_before_truncation": int(n_tokens.sum()),
@@ -96,7 +106,9 @@ def token_statistics(ds: datasets.Dataset, loss: str, weight) -> dict:
             **{name: int(v.sum()) for name, v in cols.items()},
             "supervised": int(np.asarray(ds["num_supervised"]).sum()),
         },
-        "dropped_no_supervision_per_mode": {m: int(np.count_nonzero(v == 0)) for m, v in per_mode.items()},
+        "dropped_no_supervision_per_mode": {
+            m: int(np.count_nonzero((v == 0) & ~dropped_first)) for m, v in per_mode.items()
+        },
     }
 
 
@@ -112,7 +124,9 @@ def run(cfg, run_dir: Path) -> None:
         raise ValueError(f"data={cfg.data.name}: data.limit and data.subset cannot be combined")
     examples, report = data.load_examples(cfg.data, cfg.prepare.cache_dir)
     if not examples:
-        raise ValueError(f"data={cfg.data.name}: no valid examples in {report.source}")
+        write_json(out.path / "data_stats.json", {"data": report.as_dict()})
+        raise ValueError(f"data={cfg.data.name}: no valid examples in {report.source} "
+                         f"(reasons in {out.path / 'data_stats.json'})")
     log.info("prepare: %d examples from %s (%d invalid rows skipped)", len(examples), report.source, report.skipped)
     examples, subset = subsets.select(examples, cfg.data.subset)
     if subset:
@@ -136,17 +150,11 @@ def run(cfg, run_dir: Path) -> None:
         new_fingerprint=key,
         desc=f"tokenize + mask ({loss})",
     )
-    stats = token_statistics(encoded, loss, weight)
-    kept = encoded.filter(lambda n: n > 0, input_columns="num_supervised", desc="drop unsupervised")
-    dropped = len(encoded) - len(kept)
-    if not len(kept):
-        raise ValueError(f"loss={loss}: no example has a supervised token (max_seq_length={max_len})")
-
-    tmp = out.path / "dataset.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    kept.save_to_disk(str(tmp))
-    shutil.rmtree(out.path / "dataset", ignore_errors=True)
-    tmp.rename(out.path / "dataset")
+    no_output = output_less(encoded) if not cfg.data.keep_output_less else np.zeros(len(encoded), dtype=bool)
+    no_supervision = (np.asarray(encoded["num_supervised"]) == 0) & ~no_output
+    stats = token_statistics(encoded, loss, weight, no_output)
+    kept = encoded.select(np.flatnonzero(~no_output & ~no_supervision))
+    dropped = {"dropped_truncated_no_output": int(no_output.sum()), "dropped_no_supervision": int(no_supervision.sum())}
     summary = {
         "data": report.as_dict(),
         "subset": subset,
@@ -157,15 +165,26 @@ def run(cfg, run_dir: Path) -> None:
             "loss": loss,
             "prompt_loss_weight": weight,
             "max_seq_length": max_len,
+            "keep_output_less": cfg.data.keep_output_less,
             "cache_key": key,
             **stats,
-            "dropped_no_supervision": dropped,
+            **dropped,
             "kept": len(kept),
         },
     }
-    (out.path / "data_stats.json").write_text(json.dumps(summary, indent=2))
+    write_json(out.path / "data_stats.json", summary)
+    if not len(kept):
+        raise ValueError(f"loss={loss}: no example has a supervised token and an output token (max_seq_length="
+                         f"{max_len}; reasons in {out.path / 'data_stats.json'})")
+
+    tmp = out.path / "dataset.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    kept.save_to_disk(str(tmp))
+    shutil.rmtree(out.path / "dataset", ignore_errors=True)
+    tmp.rename(out.path / "dataset")
     log.info(
-        "prepare: kept %d of %d (%d truncated at %d tokens, %d dropped with no supervised token) -> %s",
-        len(kept), len(encoded), stats["truncated"], max_len, dropped, out.path,
+        "prepare: kept %d of %d (%d truncated at %d tokens; dropped: %d left with no output token, %d with no "
+        "supervised token) -> %s", len(kept), len(encoded), stats["truncated"], max_len,
+        *dropped.values(), out.path,
     )
-    out.finish({"kept": len(kept), "dropped_no_supervision": dropped, "truncated": stats["truncated"]})
+    out.finish({"kept": len(kept), **dropped, "truncated": stats["truncated"]})

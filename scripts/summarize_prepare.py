@@ -16,14 +16,14 @@ def main(root: Path) -> None:
         tok = json.loads(stats_file.read_text())["tokenization"]
         t = tok["tokens"]
         rows.append([
-            stats_file.parts[-3], tok["loss"], tok["kept"], tok["dropped_no_supervision"], tok["truncated"],
-            t["total"], t["instruction"], t["output"], t["template"] + t["special"], t["supervised"],
+            stats_file.parts[-3], tok["loss"], tok["kept"], tok["dropped_truncated_no_output"],
+            tok["dropped_no_supervision"], tok["truncated"], t["total"], t["instruction"], t["output"], t["template"] + t["special"], t["supervised"],
             f"{t['supervised'] / t['total']:.1%}",
         ])
     if not rows:
         sys.exit(f"no prepared runs under {root}")
-    head = ["run", "loss", "kept", "dropped (no loss)", "truncated", "tokens", "instruction", "output",
-            "template", "supervised", "supervised share"]
+    head = ["run", "loss", "kept", "dropped (no output left)", "dropped (no loss)", "truncated", "tokens",
+            "instruction", "output", "template", "supervised", "supervised share"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
     table = "\n".join(lines)

@@ -64,7 +64,7 @@ def test_prepare_end_to_end(tmp_path):
     stats = json.loads((run_dir / "prepare" / "data_stats.json").read_text())
     tok = stats["tokenization"]
     assert stats["data"]["kept"] == 20 and stats["length_stats"]["size"] == 20
-    assert tok["kept"] == len(ds) == 20 - tok["dropped_no_supervision"]
+    assert tok["kept"] == len(ds) == 20 - tok["dropped_no_supervision"] - tok["dropped_truncated_no_output"]
     assert tok["truncated"] > 0  # the fixture has instructions and answers longer than 256 tokens
     assert tok["dropped_no_supervision"] == tok["dropped_no_supervision_per_mode"]["it"]
     assert tok["dropped_no_supervision_per_mode"]["im"] <= tok["dropped_no_supervision"]
