@@ -3,14 +3,18 @@
     im-repro stages=[prepare,train] data=lima model=tiny loss=im train=smoke
     accelerate launch --config_file conf/accelerate/deepspeed_zero3.yaml -m im_repro stages=[train] train=paper ...   (docs/multi_gpu.md)
 
-What the Trainer does not do and this module adds, all in `ITTrainer.compute_loss`:
+What the Trainer does not do and this module adds, in `ITTrainer.compute_loss`:
 * loss normalisation over the *global* batch (all accumulation steps and processes): `per_example` (the paper: each
   example's weighted mean token loss, then the mean over examples) or `per_token`; both honour `loss_weights`;
 * the loss on output tokens and on instruction tokens logged separately at every step, whatever the mode, so IT and
   IM runs compare on the same output-only loss;
 * KL regularisation against the frozen base model: `kl` (Eq. 5, the real KL over the vocabulary) or `kl_released`
-  (the released code's target-token log-ratio, whose gradient at lambda = 1 is zero; PAPER.md §5.2).
-NEFTune, checkpoints, resumption, DeepSpeed and the progress bar are the Trainer's own.
+  (the released code's target-token log-ratio, whose gradient at lambda = 1 is zero; PAPER.md §5.2);
+* NEFTune per example: each example's embeddings get uniform noise of scale alpha / sqrt(L d) with L its own length,
+  in padded and packed micro-batches alike (the Trainer's hook takes L as the width of the whole micro-batch or row).
+And around the Trainer's own checkpoints and resumption: a checkpoint counts only once complete (a run killed while
+saving resumes from the one before), and `log.jsonl` is cut back to the resumed step, so each step is logged once.
+DeepSpeed and the progress bar are the Trainer's own.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import copy
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -27,7 +32,7 @@ import datasets
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from im_repro import model as model_lib
 from im_repro.config import plain
@@ -106,6 +111,21 @@ def forward_loss(model, batch: dict, normalization: str, kl_mode: str = "none", 
     return total, norm, ce, s, outputs
 
 
+def example_lengths_per_token(example_index: torch.Tensor) -> torch.Tensor:
+    """The length of the example each token belongs to (0 on padding), padded and packed layouts alike."""
+    real = example_index >= 0
+    idx = example_index.clamp(min=0)
+    counts = torch.bincount(idx[real], minlength=int(idx.max()) + 1 if idx.numel() else 0)
+    return torch.where(real, counts[idx], 0)
+
+
+def neftune_noise(embeddings: torch.Tensor, lengths: torch.Tensor, alpha: float) -> torch.Tensor:
+    """NEFTune's uniform noise with the paper's scale alpha / sqrt(L d), L each token's own example's length."""
+    d = embeddings.shape[-1]
+    scale = torch.where(lengths > 0, alpha / (lengths.clamp(min=1) * d).double().sqrt(), 0.0)
+    return torch.empty_like(embeddings).uniform_(-1, 1) * scale.unsqueeze(-1).to(embeddings.dtype)
+
+
 # ------------------------------------------------------------------------------------------ the Trainer -------
 
 
@@ -114,11 +134,19 @@ class ITTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, normalization: str, kl_mode: str = "none", kl_lambda: float = 0.0,
-                 ref_model=None, **kwargs):
+                 ref_model=None, neftune_alpha: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.normalization, self.kl_mode, self.kl_lambda, self.ref_model = normalization, kl_mode, kl_lambda, ref_model
         self._curves = None  # on the model's device: out ce, out n, instr ce, instr n, tokens, supervised
         self._curve_start = time.perf_counter()
+        self.neftune_alpha, self._token_lengths = neftune_alpha, None
+        if neftune_alpha:  # not TrainingArguments.neftune_noise_alpha: that hook cannot see where examples begin
+            self.model.get_input_embeddings().register_forward_hook(self._neftune_hook)
+
+    def _neftune_hook(self, module, inputs, output):
+        if module.training and self._token_lengths is not None:
+            return output + neftune_noise(output, self._token_lengths, self.neftune_alpha)
+        return output
 
     def _prepare_inputs(self, inputs: dict) -> dict:
         # Under DeepSpeed the Trainer casts every float input to the model's dtype; the loss weights stay float32.
@@ -134,6 +162,8 @@ class ITTrainer(Trainer):
         return total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.neftune_alpha:
+            self._token_lengths = example_lengths_per_token(inputs["example_index"])
         total, local_norm, ce, s, outputs = forward_loss(
             model, inputs, self.normalization, self.kl_mode, self.kl_lambda, self.ref_model
         )
@@ -173,10 +203,56 @@ class JsonlLog(TrainerCallback):
     def __init__(self, path: Path):
         self.path = path
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # the steps after the resumed checkpoint are about to be logged again
+            truncate_log(self.path, state.global_step)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the records of steps up to `step` (0: none); drop the end-of-training summary and a half-written line.
+
+    Resuming from the checkpoint of `step` repeats every later step, and the summary is logged again at the end.
+    """
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a run killed while writing it
+            continue
+        if record.get("step", 0) <= step and "train_runtime" not in record:
+            kept.append(line + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def complete_checkpoint(folder: Path) -> bool:
+    """Whether the Trainer finished writing this checkpoint: trainer_state.json, which it writes after the weights,
+    optimizer, scheduler and RNG states, is whole and at the folder's step."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return f"{PREFIX_CHECKPOINT_DIR}-{state.get('global_step')}" == folder.name
+
+
+def last_complete_checkpoint(checkpoints: Path) -> tuple[Path | None, list[Path]]:
+    """(the newest complete checkpoint or None, the incomplete ones newer than it, which a kill mid-save leaves)."""
+    pattern = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
+    found = [p for p in checkpoints.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and pattern.fullmatch(p.name)]
+    skipped = []
+    for folder in sorted(found, key=lambda p: int(pattern.fullmatch(p.name).group(1)), reverse=True):
+        if complete_checkpoint(folder):
+            return folder, skipped
+        skipped.append(folder)
+    return None, skipped
 
 
 # ------------------------------------------------------------------------------------------ the stage ---------
@@ -211,7 +287,6 @@ def training_arguments(cfg, out: Path, accumulation: int) -> TrainingArguments:
         max_steps=t.max_steps,
         bf16=t.bf16,
         gradient_checkpointing=t.gradient_checkpointing,
-        neftune_noise_alpha=t.neftune_alpha,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         length_column_name="length",
         logging_steps=t.logging_steps,
@@ -250,6 +325,7 @@ def run(cfg, run_dir: Path) -> None:
     args = training_arguments(cfg, out.path, accumulation)  # fails on bad settings before any model is loaded
 
     os.environ.setdefault("WANDB_MODE", "offline")  # report_to=[wandb] syncs only where the user configured it
+    os.environ["WANDB_DIR"] = str(out.path)  # wandb's files beside this run's, not in the working directory
     out.start()
     if cfg.train.deepspeed:  # before the model is built: ZeRO-3's zero.Init reads the world size at construction
         import deepspeed
@@ -272,8 +348,13 @@ def run(cfg, run_dir: Path) -> None:
         kl_mode=kl.mode,
         kl_lambda=kl.weight,
         ref_model=ref_model,
+        neftune_alpha=cfg.train.neftune_alpha,
     )
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).exists() else None
+    checkpoint, incomplete = last_complete_checkpoint(Path(args.output_dir))
+    last = str(checkpoint) if checkpoint else None
+    if incomplete:
+        log.warning("train: skipping incomplete checkpoint(s) %s (written when the run was killed; overwritten as "
+                    "training reaches them again)", ", ".join(p.name for p in incomplete))
     if last:
         log.info("train: resuming from %s", last)
     log.info("train: %d examples, global batch %d = %d x %d accumulation x %d processes, %s, %s",

@@ -95,6 +95,47 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
+def test_kill_mid_save_resumes_from_the_last_complete_checkpoint(tmp_path, monkeypatch):
+    resumable = ("loss=im", "train.max_steps=4", "train.save_strategy=steps", "train.save_steps=2")
+    pipeline(tmp_path / "whole", *resumable)
+
+    save = train.ITTrainer._save_optimizer_and_scheduler
+
+    def killed_saving_step_4(self, output_dir):
+        if output_dir.endswith("checkpoint-4"):  # the weights are written, nothing after them
+            raise KeyboardInterrupt("killed mid-save")
+        return save(self, output_dir)
+
+    monkeypatch.setattr(train.ITTrainer, "_save_optimizer_and_scheduler", killed_saving_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline(tmp_path / "killed", *resumable)
+    checkpoints = tmp_path / "killed" / "train" / "checkpoints"
+    half = checkpoints / "checkpoint-4"
+    assert {"config.json", "model.safetensors"} <= {p.name for p in half.iterdir()}
+    assert not (half / "trainer_state.json").exists()
+    assert train.last_complete_checkpoint(checkpoints) == (checkpoints / "checkpoint-2", [half])
+
+    monkeypatch.setattr(train.ITTrainer, "_save_optimizer_and_scheduler", save)
+    pipeline(tmp_path / "killed", *resumable, stages=("train",))  # the same command again
+
+    whole, resumed = final_state(tmp_path / "whole"), final_state(tmp_path / "killed")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    key = lambda r: (r["step"], r.get("loss"), r.get("grad_norm"), "train_runtime" in r)  # noqa: E731
+    assert [key(r) for r in logs(tmp_path / "killed")] == [key(r) for r in logs(tmp_path / "whole")]
+    assert [r["step"] for r in logs(tmp_path / "killed") if "loss" in r] == [1, 2, 3, 4]
+    assert train.complete_checkpoint(half)
+
+
+def test_log_is_cut_back_to_the_resumed_step(tmp_path):
+    path = tmp_path / "log.jsonl"
+    records = [{"step": k, "loss": 1.0 / k} for k in range(1, 6)] + [{"step": 5, "train_runtime": 1.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 6, "lo')
+    train.truncate_log(path, 3)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == records[:3]
+    train.truncate_log(path, 0)  # killed before the first checkpoint: training starts again from step 0
+    assert path.read_text() == ""
+
+
 # ------------------------------------------------------------------------------ losses without a Trainer -----
 
 
