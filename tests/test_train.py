@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.neftune import activate_neftune
 
 from im_repro import prepare, train
 from im_repro.collate import Collator
 from im_repro.masking import encode_full
 from im_repro.model import load_model
+from im_repro.templates import Span
 from tests.conftest import CONVERSATIONS, compose_with
 
 SMALL = ("model=tiny", "train=smoke", "train.max_seq_length=128", "train.global_batch_size=4",
@@ -70,9 +73,20 @@ def test_same_seed_same_losses(tmp_path):
     assert [key(r) for r in logs(tmp_path / "a") if "loss" in r] == [key(r) for r in logs(tmp_path / "b") if "loss" in r]
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    resumable = ("loss=im", "train.max_steps=4", "train.save_strategy=steps", "train.save_steps=2")
-    pipeline(tmp_path / "whole", *resumable)
+RESUMABLE = ("loss=im", "train.max_steps=4", "train.save_strategy=steps", "train.save_steps=2")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run the interrupted ones must end up equal to."""
+    run_dir = tmp_path_factory.mktemp("whole")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IM_REPRO_CACHE", str(run_dir / "cache"))
+        pipeline(run_dir, *RESUMABLE)
+    return run_dir
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, uninterrupted):
 
     calls = {"n": 0}
     step = train.ITTrainer.training_step
@@ -85,19 +99,18 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train.ITTrainer, "training_step", dies_in_step_3)
     with pytest.raises(KeyboardInterrupt):
-        pipeline(tmp_path / "killed", *resumable)
+        pipeline(tmp_path / "killed", *RESUMABLE)
     assert not (tmp_path / "killed" / "train" / "_COMPLETE").exists()
     assert (tmp_path / "killed" / "train" / "checkpoints" / "checkpoint-2").exists()
     monkeypatch.setattr(train.ITTrainer, "training_step", step)
-    pipeline(tmp_path / "killed", *resumable, stages=("train",))  # the same command again
+    pipeline(tmp_path / "killed", *RESUMABLE, stages=("train",))  # the same command again
 
-    whole, resumed = final_state(tmp_path / "whole"), final_state(tmp_path / "killed")
+    whole, resumed = final_state(uninterrupted), final_state(tmp_path / "killed")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert [r["step"] for r in logs(tmp_path / "killed") if "loss" in r] == [1, 2, 3, 4]
 
 
-def test_kill_mid_save_resumes_from_the_last_complete_checkpoint(tmp_path, monkeypatch):
-    resumable = ("loss=im", "train.max_steps=4", "train.save_strategy=steps", "train.save_steps=2")
-    pipeline(tmp_path / "whole", *resumable)
+def test_kill_mid_save_resumes_from_the_last_complete_checkpoint(tmp_path, monkeypatch, uninterrupted):
 
     save = train.ITTrainer._save_optimizer_and_scheduler
 
@@ -108,7 +121,7 @@ def test_kill_mid_save_resumes_from_the_last_complete_checkpoint(tmp_path, monke
 
     monkeypatch.setattr(train.ITTrainer, "_save_optimizer_and_scheduler", killed_saving_step_4)
     with pytest.raises(KeyboardInterrupt):
-        pipeline(tmp_path / "killed", *resumable)
+        pipeline(tmp_path / "killed", *RESUMABLE)
     checkpoints = tmp_path / "killed" / "train" / "checkpoints"
     half = checkpoints / "checkpoint-4"
     assert {"config.json", "model.safetensors"} <= {p.name for p in half.iterdir()}
@@ -116,12 +129,12 @@ def test_kill_mid_save_resumes_from_the_last_complete_checkpoint(tmp_path, monke
     assert train.last_complete_checkpoint(checkpoints) == (checkpoints / "checkpoint-2", [half])
 
     monkeypatch.setattr(train.ITTrainer, "_save_optimizer_and_scheduler", save)
-    pipeline(tmp_path / "killed", *resumable, stages=("train",))  # the same command again
+    pipeline(tmp_path / "killed", *RESUMABLE, stages=("train",))  # the same command again
 
-    whole, resumed = final_state(tmp_path / "whole"), final_state(tmp_path / "killed")
+    whole, resumed = final_state(uninterrupted), final_state(tmp_path / "killed")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     key = lambda r: (r["step"], r.get("loss"), r.get("grad_norm"), "train_runtime" in r)  # noqa: E731
-    assert [key(r) for r in logs(tmp_path / "killed")] == [key(r) for r in logs(tmp_path / "whole")]
+    assert [key(r) for r in logs(tmp_path / "killed")] == [key(r) for r in logs(uninterrupted)]
     assert [r["step"] for r in logs(tmp_path / "killed") if "loss" in r] == [1, 2, 3, 4]
     assert train.complete_checkpoint(half)
 
@@ -223,6 +236,68 @@ def test_real_kl_is_zero_at_the_reference_and_positive_away_from_it(tiny_and_bat
             p.add_(0.05 * torch.randn_like(p))
     away, _ = loss_and_grads(model, batch, "per_token", kl_mode="kl", kl_lambda=1.0, ref_model=ref)
     assert away > plain
+
+
+ALPHA, VOCAB = 5.0, 512
+
+
+def neftune_examples(n=16):
+    g = torch.Generator().manual_seed(0)
+    # at least 64 tokens of width 64: the largest of >= 4096 uniform draws is within 0.3% of the bound (p > 1 - 1e-5)
+    lengths = torch.randint(64, 320, (n,), generator=g).tolist()
+    return [{"input_ids": ids, "labels": ids, "token_class": [Span.OUTPUT] * len(ids)}
+            for ids in (torch.randint(3, VOCAB, (k,), generator=g).tolist() for k in lengths)]
+
+
+def neftune_ratios(model, examples, micro_batch, packed, forward) -> list[tuple[float, int, int]]:
+    """Per example: (the largest noise added to its embeddings over the paper's alpha / sqrt(L d), L its own length,
+    the micro-batch's width W). Transformers' hook would give sqrt(L / W)."""
+    emb = model.get_input_embeddings()
+    seen = {}
+    handle = emb.register_forward_hook(lambda m, i, out: seen.update(out=out.detach()))  # after the NEFTune hook
+    ratios = []
+    try:
+        for start in range(0, len(examples), micro_batch):
+            batch = Collator(pad_token_id=0, packing=packed)(examples[start:start + micro_batch])
+            forward(batch)
+            noise = (seen["out"] - emb.weight[batch["input_ids"]]).detach()
+            idx = batch["example_index"]
+            for e in idx[idx >= 0].unique():
+                mine = idx == e
+                length = int(mine.sum())
+                paper = ALPHA / math.sqrt(length * noise.shape[-1])
+                ratios.append((float(noise[mine].abs().max()) / paper, length, idx.shape[1]))
+    finally:
+        handle.remove()
+    return ratios
+
+
+@pytest.fixture(scope="module")
+def neftune_models(tmp_path_factory):
+    """A tiny model under ITTrainer's NEFTune, and one under transformers' hook."""
+    cfg = compose_with("model=tiny", f"model.arch.vocab_size={VOCAB}", "train=smoke", "train.neftune_alpha=5")
+    torch.manual_seed(0)
+    model = load_model(cfg.model, VOCAB).train()
+    args = train.training_arguments(cfg, tmp_path_factory.mktemp("neftune"), 1)
+    trainer = train.ITTrainer(model=model, args=args, normalization="per_token", neftune_alpha=cfg.train.neftune_alpha)
+    reference = load_model(cfg.model, VOCAB).train()
+    activate_neftune(reference, ALPHA)
+    return ((model, lambda b: trainer.compute_loss(model, b)),
+            (reference, lambda b: train.forward_loss(reference, b, "per_token")))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("micro_batch", [1, 4, 16])
+def test_neftune_scales_each_example_by_its_own_length(neftune_models, micro_batch, packed):
+    examples = neftune_examples()
+    (model, step), (reference, reference_step) = neftune_models
+    ours = neftune_ratios(model, examples, micro_batch, packed, step)
+    assert len(ours) == len(examples) and all(0.99 <= r <= 1.0 + 1e-5 for r, _, _ in ours), ours
+
+    # The same measurement of transformers' hook finds its known drift, sqrt(L / W), so it would catch one.
+    theirs = neftune_ratios(reference, examples, micro_batch, packed, reference_step)
+    assert all(r == pytest.approx(math.sqrt(length / width), rel=0.01) for r, length, width in theirs), theirs
+    assert (min(r for r, _, _ in theirs) < 0.9) == (micro_batch > 1)
 
 
 def test_kl_and_neftune_train_end_to_end(tmp_path):
