@@ -307,6 +307,17 @@ def test_kl_and_neftune_train_end_to_end(tmp_path):
         assert all(r["loss"] > 0 for r in logs(tmp_path / run) if "loss" in r)
 
 
+def test_wandb_writes_under_the_run_directory(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)  # restored after the test, whatever train sets
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    pipeline(tmp_path / "run", "loss=it", "train.max_steps=1", "train.report_to=[wandb]", limit=4)
+    assert list((tmp_path / "run" / "train" / "wandb").glob("offline-run-*"))
+    assert not list((tmp_path / "cwd").iterdir())
+
+
 # ------------------------------------------------------------------------------ errors before compute --------
 
 
