@@ -354,7 +354,8 @@ def load_examples(cfg, cache_dir: str | Path) -> tuple[list[dict], LoadReport]:
                 raise problem
         except _Invalid as bad:
             if not skip:
-                raise DataError(where, bad.field, bad.problem, bad.reason) from None
+                hint = " (data.structure=lenient accepts it)" if bad.reason in LENIENT_REASONS else ""
+                raise DataError(where, bad.field, bad.problem + hint, bad.reason) from None
             report.skipped += 1
             report.skipped_by_reason[bad.reason] += 1
             report.skipped_by_field[bad.field] += 1
