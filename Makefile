@@ -93,8 +93,8 @@ bench-eval: setup  ## generation tokens/s on the AlpacaEval path: batch 1 vs bat
 	$(PY) scripts/bench_eval.py $(LIMA_ARG)
 
 inspect-demo: setup  ## show which tokens of a LIMA example carry the loss under IT and IM
-	$(PY) -m im_repro.inspect data=lima $(DATA_PATH) loss=it --index 30
-	$(PY) -m im_repro.inspect data=lima $(DATA_PATH) loss=im --index 30
+	$(PY) -m im_repro.inspect data=lima $(DATA_PATH) method=it --index 30
+	$(PY) -m im_repro.inspect data=lima $(DATA_PATH) method=im --index 30
 
 clean:  ## remove the virtual environment, artifacts and runs
 	rm -rf $(VENV) artifacts runs

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import numpy as np
 
 from im_repro import data
 from im_repro.config import plain
-from im_repro.runs import StageOutput, write_json
+from im_repro.runs import write_json
 from im_repro.templates import Span
 
 log = logging.getLogger("im_repro")
@@ -178,22 +177,18 @@ def _scored(records: list[dict], losses: list[float], path: Path) -> list[float]
     return losses
 
 
-def run_loss(cfg, run_dir: Path) -> None:
+def run_loss(cfg, run_dir: Path) -> dict:
+    """Writes `<run>/loss/` (one process); returns the summary its completion marker records."""
     import datasets
 
     from im_repro import masking, model as model_lib
     from im_repro.evaluate import checkpoint, load_for_generation
 
-    out = StageOutput(run_dir / "loss")
-    if out.complete and not cfg.force:
-        log.info("loss: complete in %s, skipping (force=true re-runs it)", out.path)
-        return
-    if int(os.environ.get("RANK", 0)) != 0:  # one process scores everything, as for generation in eval
-        return
+    out = run_dir / "loss"
     prepared = run_dir / "prepare" / "dataset"
     if not prepared.exists():
         raise FileNotFoundError(f"{prepared} is missing: run the prepare stage first (stages=[prepare,...,loss])")
-    out.start()
+    out.mkdir(parents=True, exist_ok=True)
     a = cfg.analysis
 
     # Training split: exactly what the model trained on (same tokens, same truncation); ids are rows of the dataset.
@@ -233,9 +228,9 @@ def run_loss(cfg, run_dir: Path) -> None:
     log.info("loss: %s on %d training and %d held-out examples", model_path, len(train_examples), len(test_examples))
     model, _ = load_for_generation(cfg, model_path, tokenizer_path)
     train_losses = _scored(train_records, output_losses(model, train_examples, a.batch_size, "train loss"),
-                           out.path / "train.jsonl")
+                           out / "train.jsonl")
     test_losses = _scored(test_records, output_losses(model, test_examples, a.batch_size, "test loss"),
-                          out.path / "test.jsonl")
+                          out / "test.jsonl")
     summary = {
         "checkpoint": model_path,
         "loss": LOSS_DEFINITION,
@@ -246,10 +241,10 @@ def run_loss(cfg, run_dir: Path) -> None:
         "test": {**summarise(test_losses), "skipped_no_output_tokens": test_skipped},
         "heldout": heldout_info,
     }
-    write_json(out.path / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     log.info("loss: train %s (n=%d), test %s (n=%d) -> %s", summary["train"]["mean"], len(train_losses),
-             summary["test"]["mean"], len(test_losses), out.path)
-    out.finish({"checkpoint": model_path, "train_mean": summary["train"]["mean"], "test_mean": summary["test"]["mean"]})
+             summary["test"]["mean"], len(test_losses), out)
+    return {"checkpoint": model_path, "train_mean": summary["train"]["mean"], "test_mean": summary["test"]["mean"]}
 
 
 # ------------------------------------------------------------------------------------------ memorisation -----
@@ -288,22 +283,17 @@ def bleu_scores(hypotheses: list[str], references: list[str]) -> dict:
     }
 
 
-def run_memorization(cfg, run_dir: Path, generator=None) -> None:
-    """`generator`: anything with `generate(prompts, **kwargs)` and `tokenizer` (tests); default: the checkpoint."""
+def run_memorization(cfg, run_dir: Path, generator=None) -> dict:
+    """Writes `<run>/memorization/` (one process), resuming its generations; returns the summary its completion
+    marker records. `generator`: anything with `generate(prompts, **kwargs)` and `tokenizer` (tests); default: the
+    checkpoint."""
     from im_repro.evaluate import LazyGenerator, checkpoint, load_for_generation
     from im_repro.evaluate.generate import Generator, chat_prompt, generate_resumable
 
-    out = StageOutput(run_dir / "memorization")
-    if out.complete and not cfg.force:
-        log.info("memorization: complete in %s, skipping (force=true re-runs it)", out.path)
-        return
-    if int(os.environ.get("RANK", 0)) != 0:
-        return
-    out.start()
+    out = run_dir / "memorization"
+    out.mkdir(parents=True, exist_ok=True)
     a, template = cfg.analysis, plain(cfg.prepare.template)
-    generations = out.path / "generations.jsonl"
-    if cfg.force:  # otherwise the resumable file would hand back every old answer
-        generations.unlink(missing_ok=True)
+    generations = out / "generations.jsonl"
     examples, _ = data.load_examples(cfg.data, cfg.prepare.cache_dir)
     items, skipped = memorization_items(examples, a.memorization_limit)
     model_path, tokenizer_path = checkpoint(cfg, run_dir)
@@ -319,7 +309,7 @@ def run_memorization(cfg, run_dir: Path, generator=None) -> None:
     )
     # Both sides stripped: training rendered every content stripped, and decoding may leave a leading space.
     scores = bleu_scores([r["outputs"][0].strip() for r in records], [r["reference"].strip() for r in records])
-    with (out.path / "scores.jsonl").open("w") as f:
+    with (out / "scores.jsonl").open("w") as f:
         for record, bleu in zip(records, scores["sentence"]):
             f.write(json.dumps({key: record[key] for key in ("index", "id") if key in record} | {"bleu": bleu}) + "\n")
     summary = {
@@ -336,7 +326,7 @@ def run_memorization(cfg, run_dir: Path, generator=None) -> None:
         "sentence_signature": scores["sentence_signature"],
         "corpus_signature": scores["corpus_signature"],
     }
-    write_json(out.path / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     log.info("memorization: mean sentence BLEU %s over %d examples -> %s", summary["mean_sentence_bleu"],
-             len(records), out.path)
-    out.finish({"checkpoint": model_path, "n": len(records), "mean_sentence_bleu": summary["mean_sentence_bleu"]})
+             len(records), out)
+    return {"checkpoint": model_path, "n": len(records), "mean_sentence_bleu": summary["mean_sentence_bleu"]}

@@ -106,10 +106,13 @@ class ModelConfig:
 
 
 @dataclass
-class LossConfig:
-    name: str = MISSING  # run-directory label, e.g. it, im, weighted0.5
-    mode: LossMode = MISSING
-    prompt_loss_weight: Optional[float] = None  # only for mode=weighted
+class MethodConfig:
+    """A row label of the paper's tables and what it trains with: the loss mode here, NEFTune or KL in `train`
+    (each conf/method/ file sets both)."""
+
+    name: str = MISSING  # the label in tables and run directories: it, im, neftune, im_neftune, kl0.1, weighted0.5...
+    loss: LossMode = MISSING  # which tokens carry the loss (masking.py)
+    prompt_loss_weight: Optional[float] = None  # only for loss=weighted
 
 
 @dataclass
@@ -289,6 +292,9 @@ class ReportConfig:
     baseline: str = "it"  # the loss deltas are taken against
     label: str = ""  # printed above every table, e.g. "CPU demo: not a reproduction"
     output_dir: str = "results/${experiment}"
+    # The runs the tables need: the experiment's sweep (hydra.sweeper.params) as `key: a,b,c` (each run composed
+    # and found in runs_dir by its key). Empty: the sweep of the experiment config the report runs under.
+    runs: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -317,7 +323,7 @@ class LaunchConfig:
 class Config:
     data: DataConfig = MISSING
     model: ModelConfig = MISSING
-    loss: LossConfig = MISSING
+    method: MethodConfig = MISSING
     train: TrainConfig = MISSING
     eval: EvalConfig = MISSING
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
@@ -327,9 +333,8 @@ class Config:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     skip_stages: list[str] = field(default_factory=list)  # left out whatever `stages` says (method=base: no training)
     dry_run: bool = False  # print the job plan (runs, stages, resources, GPU-hours) and submit nothing
-    method: str = "${loss.name}"  # the run's label in tables and its directory: it, im, neftune, im_neftune, kl...
     seed: int = 42
-    force: bool = False  # re-run stages whose outputs are already complete
+    force: bool = False  # recompute this command's stages from scratch, even those finished under other settings
     experiment: str = "default"
     runs_dir: str = "runs"
 

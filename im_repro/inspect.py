@@ -1,7 +1,7 @@
 """Show which tokens of one example carry the loss, coloured by class, in the terminal or as an HTML page.
 
-    python -m im_repro.inspect data=lima data.path=../shared/data/paper/lima_data.jsonl model=tiny loss=im --index 3
-    python -m im_repro.inspect loss=im_released --index 30 --html im_released.html
+    python -m im_repro.inspect data=lima data.path=../shared/data/paper/lima_data.jsonl model=tiny method=im --index 3
+    python -m im_repro.inspect method=im_released --index 30 --html im_released.html
 
 Arguments after the options are the same Hydra overrides `im-repro` takes.
 """
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--index", type=int, default=0, help="which example of the dataset")
     parser.add_argument("--html", type=Path, help="also write an HTML page here")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=lima loss=im")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=lima method=im")
     args = parser.parse_args(argv)
     from im_repro.run import compose  # registers the schema and resolvers
 
@@ -70,14 +70,14 @@ def main(argv: list[str] | None = None) -> None:
     if len(examples) <= args.index:
         raise SystemExit(f"--index {args.index}: the dataset has only {len(examples)} examples")
     tokenizer = model.load_tokenizer(cfg.model)
-    mode = plain(cfg.loss.mode)
+    mode = plain(cfg.method.loss)
     template = plain(cfg.prepare.template)
     encoded = masking.encode_full(
         examples[args.index]["messages"], tokenizer, mode, template, cfg.train.max_seq_length,
-        cfg.loss.prompt_loss_weight,
+        cfg.method.prompt_loss_weight,
     )
     pieces = token_pieces(encoded, tokenizer)
-    title = f"{cfg.data.name}[{args.index}] loss={cfg.loss.name} template={template} tokenizer={cfg.model.name}"
+    title = f"{cfg.data.name}[{args.index}] method={cfg.method.name} template={template} tokenizer={cfg.model.name}"
     print(title, f"- {len(pieces)} tokens, {encoded.num_supervised} supervised")
     print(to_terminal(pieces))
     if args.html:

