@@ -1,4 +1,5 @@
-"""The eval stage: suites as configs, lm-eval on the real offline benchmark data, skip-on-rerun, missing reasons."""
+"""The eval stage: suites as configs, lm-eval on the real offline benchmark data, per-benchmark keys (reuse, refuse),
+missing reasons."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from omegaconf import OmegaConf, open_dict
 from im_repro import evaluate
 from im_repro.config import HarnessTask
 from im_repro.evaluate import harness
+from im_repro.run import execute
+from im_repro.runs import StaleOutput
 from tests.conftest import compose_with
 
 OFFLINE = ["model=tiny", "eval=smoke"]
@@ -21,8 +24,8 @@ def run_eval(tmp_path: Path, *overrides: str, tasks: dict | None = None) -> dict
     with open_dict(cfg):
         for name, task in (tasks or {}).items():
             cfg.eval.harness.tasks[name] = HarnessTask(**task)
-    evaluate.run(cfg, tmp_path)
-    return json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    execute(cfg, tmp_path, ["eval"])
+    return json.loads((tmp_path / "eval" / "smoke" / "metrics.json").read_text())
 
 
 @pytest.mark.parametrize("suite", ["paper", "paper_text"])
@@ -83,13 +86,13 @@ def test_score_reads_the_metric_and_averages_tags():
         harness.score(results, "arc", OmegaConf.create({**spec, "metric": "acc,none"}))
 
 
-def test_smoke_suite_on_real_offline_data_then_skips(tmp_path, monkeypatch):
+def test_smoke_suite_on_real_offline_data_then_reuses_and_refuses_other_settings(tmp_path, monkeypatch):
     only = "eval.only=[arc_easy,arc_challenge,hellaswag,mmlu_high_school_geography]"
     metrics = run_eval(tmp_path, only, "eval.harness.limit=4")
     assert set(metrics) == {"arc_easy", "arc_challenge", "hellaswag", "mmlu_high_school_geography", "missing"}
     assert metrics["missing"] == {}
     assert all(0 <= metrics[k] <= 100 for k in metrics if k != "missing")
-    arc = tmp_path / "eval" / "lm_eval" / "arc_easy"
+    arc = tmp_path / "eval" / "smoke" / "arc_easy"
     results = json.loads((arc / "results.json").read_text())
     assert results["n-samples"]["arc_easy_local"]["effective"] == 4
     assert results["results"]["arc_easy_local"]["acc_norm,none"] * 100 == pytest.approx(metrics["arc_easy"])
@@ -101,6 +104,13 @@ def test_smoke_suite_on_real_offline_data_then_skips(tmp_path, monkeypatch):
 
     monkeypatch.setattr(harness, "load_lm", no_model)
     assert run_eval(tmp_path, only, "eval.harness.limit=4") == metrics
+    assert run_eval(tmp_path, "eval.only=[arc_easy]", "eval.harness.limit=4", "eval.harness.batch_size=2")["arc_easy"] \
+        == metrics["arc_easy"]  # a subset of the suite, and a batch size, change no result: reused
+    # One benchmark's setting changed: refused before any work, naming the setting; the others stay reusable.
+    with pytest.raises(StaleOutput, match=r"eval/smoke/arc_easy: .* task\.limit: 4 -> 3") as refused:
+        run_eval(tmp_path, only, "eval.harness.limit=4", "eval.harness.tasks.arc_easy.limit=3")
+    assert "hellaswag" not in str(refused.value)
+    assert json.loads((arc / "results.json").read_text()) == results  # untouched
 
 
 def test_generation_task_on_local_files_in_the_real_schema(tmp_path):
@@ -114,7 +124,7 @@ def test_generation_task_on_local_files_in_the_real_schema(tmp_path):
             "num_fewshot": 2, "dataset_path": "json", "data_files": {"test": str(data), "train": str(data)}}
     metrics = run_eval(run_dir, "eval.only=[gsm8k]", "eval.harness.limit=2", tasks={"gsm8k": task})
     assert 0 <= metrics["gsm8k"] <= 100
-    rows = [json.loads(x) for x in (run_dir / "eval/lm_eval/gsm8k/samples_gsm8k_local.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (run_dir / "eval/smoke/gsm8k/samples_gsm8k_local.jsonl").read_text().splitlines()]
     assert {r["doc_id"] for r in rows} == {0, 1} and {r["filter"] for r in rows} == {"strict-match", "flexible-extract"}
     assert rows[0]["doc"]["question"] == problems[0]["question"]
     assert rows[0]["arguments"][0][0].count("Q: Tom has") == 3  # two shots drawn from the file, then the question
@@ -137,5 +147,5 @@ def test_code_execution_is_opt_in_and_reported_missing(tmp_path):
     metrics = run_eval(tmp_path, "eval.only=[humaneval]", "eval.humaneval.enabled=true", "eval.humaneval.limit=1",
                        "eval.humaneval.n=1", "eval.humaneval.temperatures=[0.1]", "eval.humaneval.max_new_tokens=4")
     assert "humaneval/pass@1" not in metrics and "execute" in metrics["missing"]["humaneval"]
-    assert (tmp_path / "eval" / "humaneval" / "samples_t0.1.jsonl").exists()  # generation still ran
-    assert not (tmp_path / "eval" / "_COMPLETE").exists()  # an incomplete suite is never marked done
+    assert (tmp_path / "eval" / "smoke" / "humaneval" / "samples_t0.1.jsonl").exists()  # generation still ran
+    assert not (tmp_path / "eval" / "smoke" / "humaneval" / "_COMPLETE").exists()  # never marked done

@@ -1,0 +1,3 @@
+from im_repro.report import main
+
+main()

@@ -1,0 +1,204 @@
+"""Tables as Markdown, CSV and LaTeX, each with its notes (why a cell is empty) and provenance (which run made it)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from im_repro import paper
+from im_repro.report.collect import Run, identity, number, one_line
+from im_repro.report.tables import Row, TableSpec, build, why_empty
+from im_repro.runs import git_state, now
+
+TABLE_FILES = (".md", ".csv", ".tex")
+NONE = "—"  # a key that does not apply, or a number the paper does not give
+
+# ------------------------------------------------------------------------------------------ rendering ---------
+
+
+def show(value: Any) -> str:
+    return NONE if value is None else str(value)
+
+
+def row_label(keys: Mapping[str, Any]) -> str:
+    return "/".join(str(v) for v in keys.values() if v is not None)
+
+
+def provenance(rows: Sequence[Row], label: str, paper_name: str | None) -> list[str]:
+    """Where a table's numbers come from: each row's runs with their overrides, commit and status, the packages."""
+    report_git = git_state()
+    lines = [f"label: {label or '(none)'}",
+             f"generated: {now()} by im_repro.report at git {report_git['commit']}"
+             + (" (dirty)" if report_git["dirty"] else "")]
+    if paper_name:
+        lines.append(f"paper numbers: results/paper/{paper_name}.yaml ({one_line(paper.load(paper_name).source)})")
+    versions: dict[str, dict[str, None]] = {}
+    for run in (run for row in rows for run in row.runs):
+        if run.manifest is None:
+            lines.append(f"{row_label(identity(run))}: run {run.path}: missing: not found in the run store")
+            continue
+        inv = run.invocation
+        git = inv.get("git", {})
+        overrides = " ".join(inv.get("overrides", [])) or "(none)"
+        lines.append(f"{row_label(identity(run))}: run {run.path}: status {inv.get('status')}; git {git.get('commit')}"
+                     + (" (dirty)" if git.get("dirty") else "") + f"; overrides: {overrides}")
+        for name, version in inv.get("packages", {}).items():
+            if version is not None:
+                versions.setdefault(name, {})[version] = None
+    lines.append("packages: " + (", ".join(f"{n} {' / '.join(v)}" for n, v in versions.items()) or "(not recorded)"))
+    return lines
+
+
+@dataclass(frozen=True)
+class Document:
+    """A table as display strings, printed by `markdown` and `latex` alike."""
+
+    title: str
+    label: str
+    legend: str
+    header: list[str]
+    body: list[list[str]]
+    notes: list[str]
+    provenance: list[str]
+
+
+def document(spec: TableSpec, rows: Sequence[Row], label: str, baseline: str, prov: list[str]) -> Document:
+    notes: list[str] = []
+
+    def note(text: str) -> str:
+        notes.append(text)
+        return f"[{len(notes)}]"
+
+    body = []
+    for row in rows:
+        name = row_label(row.keys)
+        marks = {}
+        for why in dict.fromkeys(c.why for c in row.cells.values() if c.value is None):
+            columns = [c.name for c in spec.columns if row.cells[c.name].value is None and row.cells[c.name].why == why]
+            marks[why] = note(f"{name} ({', '.join(columns)}): {why}")
+        source = "ours"
+        if len(row.runs) > 1:
+            runs = ", ".join(r.path.name for r in row.runs)
+            seeds = max(cell.n for cell in row.cells.values())
+            over = f", over {seeds} seeds: mean ± standard deviation" if seeds > 1 else ""
+            source += " " + note(f"{name}: every number is the mean of {len(row.runs)} runs ({runs}){over}")
+        cells = []
+        for c in spec.columns:
+            cell = row.cells[c.name]
+            if cell.value is None:
+                cells.append(f"n/a {marks[cell.why]}")
+            else:
+                delta = row.delta.get(c.name)
+                spread = f" ± {cell.std:.{c.digits}f} (n={cell.n})" if cell.n > 1 else ""
+                cells.append(f"{cell.value:.{c.digits}f}{spread}"
+                             + (f" ({delta:+.{c.digits}f})" if delta is not None else ""))
+        body.append([*(show(row.keys[k]) for k in spec.keys), source, *cells])
+        if spec.paper:
+            body.append(["" for _ in spec.keys] + paper_line(spec, row, note))
+    return Document(spec.title, label, legend(spec, baseline), [*spec.keys, "", *(c.header for c in spec.columns)],
+                    body, notes, prov)
+
+
+def paper_line(spec: TableSpec, row: Row, note: Callable[[str], str]) -> list[str]:
+    source = "paper"
+    if row.paper and row.paper.get("notes"):
+        source += " " + note(f"{row_label(row.keys)}: the paper's row: {one_line(row.paper['notes'])}")
+    cells = []
+    for c in spec.columns:
+        theirs = number(row.paper.get(c.name)) if row.paper else None
+        ours = row.cells[c.name].value
+        if theirs is None:
+            cells.append(NONE)
+        else:
+            cells.append(f"{theirs:.{c.digits}f}" + (f" [{ours - theirs:+.{c.digits}f}]" if ours is not None else ""))
+    return [source, *cells]
+
+
+def legend(spec: TableSpec, baseline: str) -> str:
+    parts = ["ours: our value"]
+    if spec.reference:
+        against = ", ".join(f"{k}={show(v)}" for k, v in spec.reference(baseline).items())
+        parts[0] += f" (its difference from the row with {against} and the same other keys)"
+    if spec.paper:
+        parts.append(f"paper: the paper's value [ours - paper]; {NONE} where the paper gives none")
+    parts.append("n/a [k]: no value, see note k")
+    return "; ".join(parts) + "."
+
+
+def markdown(doc: Document) -> str:
+    lines = [f"# {doc.title}", "", *([f"**{doc.label}**", ""] if doc.label else []), doc.legend, "",
+             "| " + " | ".join(doc.header) + " |", "|" + "---|" * len(doc.header),
+             *("| " + " | ".join(cells) + " |" for cells in doc.body),
+             "", "## Notes", "", *([f"{i}. {text}" for i, text in enumerate(doc.notes, 1)] or ["None."]),
+             "", "## Provenance", "", *(f"- {line}" for line in doc.provenance)]
+    return "\n".join(lines) + "\n"
+
+
+TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", NONE: "--"}
+
+
+def tex(text: str) -> str:
+    return "".join(TEX_ESCAPES.get(ch, ch) for ch in text)
+
+
+def latex(doc: Document) -> str:
+    lines = [*(f"% {line}" for line in doc.provenance),
+             r"\begin{table}[ht]", r"\centering", r"\footnotesize",
+             rf"\caption{{{tex(doc.title)}" + (f" ({tex(doc.label)})" if doc.label else "") + "}",
+             rf"\begin{{tabular}}{{{'l' * len(doc.header)}}}", r"\hline",
+             " & ".join(map(tex, doc.header)) + r" \\", r"\hline",
+             *(" & ".join(map(tex, cells)) + r" \\" for cells in doc.body),
+             r"\hline", r"\end{tabular}", "",
+             r"\smallskip", tex(doc.legend) + r"\\",
+             *(rf"[{i}] {tex(text)}\\" for i, text in enumerate(doc.notes, 1)),
+             r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(spec: TableSpec, rows: Sequence[Row], prov: list[str]) -> str:
+    """One line per row: each column's value, delta, paper value and ours - paper; reasons in `missing`."""
+    def fmt(value: float | None) -> str:
+        return "" if value is None else repr(round(value, 6))
+
+    suffixes = ("", "_std", "_n", "_delta", "_paper", "_vs_paper") if spec.paper else ("", "_std", "_n", "_delta")
+    header = [*spec.keys, *(c.name + s for c in spec.columns for s in suffixes), "runs", "missing"]
+    buffer = io.StringIO()
+    buffer.write("".join(f"# {line}\n" for line in prov))
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        values = []
+        for c in spec.columns:
+            ours = row.cells[c.name].value
+            theirs = number(row.paper.get(c.name)) if row.paper else None
+            cell = row.cells[c.name]
+            mine = [ours, cell.std, cell.n if ours is not None else None, row.delta.get(c.name)]
+            if spec.paper:
+                mine += [theirs, ours - theirs if None not in (ours, theirs) else None]
+            values += [fmt(v) for v in mine]
+        missing = "; ".join(f"{name}: {cell.why}" for name, cell in row.cells.items() if cell.value is None)
+        writer.writerow([*("" if row.keys[k] is None else row.keys[k] for k in spec.keys), *values,
+                         " ".join(str(r.path) for r in row.runs), missing])
+    return buffer.getvalue()
+
+
+def write_table(name: str, spec: TableSpec, runs: Sequence[Run], label: str, baseline: str,
+                out: Path) -> list[str] | str:
+    """The table's files, or why it was not written."""
+    rows = build(spec, runs, baseline)
+    why = why_empty(spec, rows)
+    if why:
+        return why
+    prov = provenance(rows, label, spec.paper)
+    doc = document(spec, rows, label, baseline, prov)
+    texts = {".md": markdown(doc), ".csv": csv_text(spec, rows, prov), ".tex": latex(doc)}
+    for suffix, text in texts.items():
+        (out / f"{name}{suffix}").write_text(text, encoding="utf-8")
+    return [str(out / f"{name}{suffix}") for suffix in texts]
+
+

@@ -1,0 +1,262 @@
+"""Tables from runs: each run's numbers (`measure` per table), rows keyed by identity, seeds merged to mean, std, n.
+
+All tables come from one builder (`build`) driven by a `TableSpec`: which runs, which key columns identify a row,
+which numbers a run gives (`measure`), the paper table to compare with and the row deltas are taken against.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from im_repro import paper
+from im_repro.report.collect import Run, dig, identity, number, one_line, read_json
+
+METHOD_ORDER = ("base", "chat", "it", "neftune", "kl", "im", "im_neftune")
+
+# ------------------------------------------------------------------------------------------ measures ----------
+
+
+@dataclass(frozen=True)
+class Cell:
+    value: float | None = None
+    why: str = ""  # why there is no value
+    std: float | None = None  # over seeds, where the row has several (sample standard deviation)
+    n: int = 1  # seeds the value is the mean of
+
+
+def json_cells(run: Run, stage: str, file: str, fields: Mapping[str, str]) -> dict[str, Cell]:
+    """Numbers picked from one JSON file of a stage: {column: dotted path inside the file}."""
+    data = read_json(run.path / stage / file)
+    if data is None:
+        why = run.absent(stage, file)
+        return {column: Cell(why=why) for column in fields}
+    cells = {}
+    for column, path in fields.items():
+        value = number(dig(data, path))
+        cells[column] = Cell(value) if value is not None else Cell(why=f"{stage}/{file} has no number at {path}")
+    return cells
+
+
+# Table 1's LLM-judged columns: (benchmark in the eval suite, key in metrics.json).
+JUDGED = {
+    "mt_bench": ("mt_bench", "mt_bench/score"),
+    "alpaca_eval_1": ("alpaca_eval", "alpaca_eval_1.0/win_rate"),
+    "alpaca_eval_2": ("alpaca_eval", "alpaca_eval_2.0/win_rate"),
+}
+EVAL_COLUMNS = (*paper.TABLE1_CATEGORIES, "mean", *JUDGED)
+
+
+def specific(reason: Any, key: str) -> str:
+    """The eval stage stores some benchmarks' reasons as JSON {metric: reason}; keep the one for this metric."""
+    try:
+        parsed = json.loads(reason)
+    except (TypeError, ValueError):
+        return one_line(reason)
+    return one_line(parsed.get(key, reason) if isinstance(parsed, dict) else reason)
+
+
+def metric_cell(metrics: Mapping, suite: Mapping, benchmark: str, key: str) -> Cell:
+    value = number(metrics.get(key))
+    if value is not None:
+        return Cell(value)
+    reason = metrics.get("missing", {}).get(benchmark)
+    if reason is not None:
+        return Cell(why=specific(reason, key))
+    if benchmark not in suite.get("benchmarks", {}):
+        return Cell(why=f"{benchmark} is not in eval suite {suite.get('suite')!r}")
+    return Cell(why=f"no {key} in eval/metrics.json")
+
+
+def category_cell(metrics: Mapping, suite: Mapping, category: str) -> Cell:
+    """The plain mean of the category's benchmarks, as the released code; TER arrives already scaled by eval."""
+    names = [b for b, spec in suite.get("benchmarks", {}).items() if spec.get("category") == category]
+    if not names:
+        return Cell(why=f"eval suite {suite.get('suite')!r} has no {category} benchmark")
+    cells = {b: metric_cell(metrics, suite, b, "humaneval/pass@1" if b == "humaneval" else b) for b in names}
+    absent = [f"{b}: {c.why}" for b, c in cells.items() if c.value is None]
+    if absent:
+        return Cell(why="; ".join(absent))
+    return Cell(sum(c.value for c in cells.values()) / len(cells))
+
+
+def eval_cells(run: Run) -> dict[str, Cell]:
+    """Table 1's columns from the run's suite's metrics.json and suite.json (which benchmark is in which category)."""
+    where = run.path / "eval" / str(dig(run.config, "eval.name"))  # results are stored per suite
+    metrics = read_json(where / "metrics.json")
+    suite = read_json(where / "suite.json")
+    if metrics is None or suite is None:
+        why = run.absent("eval", "metrics.json" if metrics is None else "suite.json")
+        return {column: Cell(why=why) for column in EVAL_COLUMNS}
+    cells = {category: category_cell(metrics, suite, category) for category in paper.TABLE1_CATEGORIES}
+    absent = [category for category, cell in cells.items() if cell.value is None]
+    cells["mean"] = (Cell(why=f"needs all six categories; no {', '.join(absent)}") if absent
+                     else Cell(paper.table1_mean({k: c.value for k, c in cells.items()})))
+    return cells | {column: metric_cell(metrics, suite, *where) for column, where in JUDGED.items()}
+
+
+def stats_cells(run: Run) -> dict[str, Cell]:
+    return json_cells(run, "prepare", "data_stats.json", {
+        "size": "length_stats.size", "total": "length_stats.total", "output": "length_stats.output",
+        "output_std": "length_stats.output_std", "instruction": "length_stats.instruction",
+        "instruction_std": "length_stats.instruction_std",
+        "output_per_instruction": "length_stats.output_over_instruction",
+        "instruction_per_output": "length_stats.instruction_over_output",
+    })
+
+
+def bleu_cells(run: Run) -> dict[str, Cell]:
+    return json_cells(run, "memorization", "summary.json",
+                      {"bleu": "mean_sentence_bleu", "corpus_bleu": "corpus_bleu"})
+
+
+def loss_cells(run: Run) -> dict[str, Cell]:
+    return json_cells(run, "loss", "summary.json", {"train_loss": "train.mean", "test_loss": "test.mean"})
+
+
+# ------------------------------------------------------------------------------------------ tables ------------
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str  # the measure's key, and the paper's column of the same meaning
+    header: str
+    digits: int = 2
+
+
+def every_run(ident: Mapping, baseline: str) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    title: str
+    keys: tuple[str, ...]  # identity() fields that name a row; runs with equal keys (seeds) are averaged
+    columns: tuple[Column, ...]
+    measure: Callable[[Run], dict[str, Cell]]
+    paper: str | None = None  # results/paper/<paper>.yaml
+    paper_fixed: Mapping[str, Any] = field(default_factory=dict)  # paper key columns our runs do not vary
+    # The baseline method -> the key values of the row a row's deltas are taken against (None: no deltas).
+    reference: Callable[[str], dict[str, Any]] | None = None
+    select: Callable[[Mapping, str], bool] = every_run  # (identity, baseline) -> does the run belong here
+    selects: str = "every run"  # `select` in words, for the reason a table is skipped
+
+
+@dataclass(frozen=True)
+class Row:
+    keys: dict[str, Any]
+    runs: tuple[Run, ...]
+    cells: dict[str, Cell]
+    delta: dict[str, float]  # against the reference row, where both have a value
+    paper: dict[str, Any] | None  # the paper's row; None where it has none
+
+
+def by_baseline(baseline: str) -> dict[str, Any]:
+    return {"method": baseline}
+
+
+KEYS = ("model", "dataset", "method")
+MEAN, AE1, AE2 = Column("mean", "Mean"), Column("alpaca_eval_1", "AE 1.0"), Column("alpaca_eval_2", "AE 2.0")
+TABLES: dict[str, TableSpec] = {
+    "table1": TableSpec(
+        "Table 1: category means (%), their Mean, MT-Bench (1-10) and AlpacaEval win rates (%)", KEYS,
+        (Column("knowledge", "Know."), Column("multilinguality", "Multiling."), Column("commonsense", "Commons."),
+         Column("math_coding", "Math&Code"), Column("bbh", "BBH"), Column("safety", "Safety"), MEAN,
+         Column("mt_bench", "MT-Bench"), AE1, AE2),
+        eval_cells, paper="table1", reference=by_baseline),
+    "table2": TableSpec(
+        "Table 2: BLEU of greedy generations from the training instructions against the training outputs", KEYS,
+        (Column("bleu", "BLEU (mean sentence)"), Column("corpus_bleu", "BLEU (corpus)")),
+        bleu_cells, paper="table2", reference=by_baseline),
+    "table3": TableSpec(
+        "Table 3: KL regularisation towards the base model (Mean %, AlpacaEval %)",
+        ("model", "dataset", "method", "kl_mode", "kl_lambda"), (MEAN, AE2, AE1),
+        eval_cells, paper="table3", reference=lambda b: {"method": b, "kl_mode": None, "kl_lambda": None},
+        select=lambda ident, b: ident["kl_mode"] is not None or ident["method"] in (b, "im"),
+        selects="runs with train.kl.mode set, and the baseline method's and IM's runs"),
+    "table4": TableSpec(
+        "Table 4: IM with and without NEFTune (AlpacaEval 1.0 %, Mean %)",
+        ("model", "dataset", "method", "neftune_alpha"), (AE1, MEAN),
+        eval_cells, paper="table4", reference=lambda b: {"method": "im", "neftune_alpha": None},
+        select=lambda ident, b: ident["method"] in ("im", "im_neftune"), selects="im and im_neftune runs"),
+    "table5": TableSpec(
+        "Table 5: training-set statistics (lengths in words per example; ratios of the mean lengths)",
+        ("dataset", "limit"),
+        (Column("size", "Size", 0), Column("total", "Total"), Column("output", "Output"),
+         Column("output_std", "Output std"), Column("instruction", "Instr."), Column("instruction_std", "Instr. std"),
+         Column("output_per_instruction", "Out/Instr", 4), Column("instruction_per_output", "Instr/Out", 4)),
+        stats_cells, paper="table5", paper_fixed={"fraction": 1.0}),
+    "losses": TableSpec(
+        "Figures 3, 8, 9: mean per-example output loss on the training set and the held-out set (nats)", KEYS,
+        (Column("train_loss", "Train loss"), Column("test_loss", "Test loss")),
+        loss_cells, paper="figure3_8_9", reference=by_baseline),
+}
+
+
+def order(keys: Mapping[str, Any]) -> tuple:
+    """Rows sorted by their keys, methods in the paper's order (IT first, as the row deltas refer to it)."""
+    return tuple((METHOD_ORDER.index(v) if k == "method" and v in METHOD_ORDER else len(METHOD_ORDER), str(v))
+                 for k, v in keys.items())
+
+
+def merge(cells: Sequence[Cell], runs: Sequence[Run]) -> Cell:
+    """One cell from the runs of a row: the mean over seeds (runs of one seed, e.g. IT and IM for a data statistic,
+    averaged first) with the seeds' standard deviation and count, when every run has a value; else their reasons."""
+    if all(c.value is not None for c in cells):
+        by_seed: dict[Any, list[float]] = {}
+        for run, cell in zip(runs, cells):
+            by_seed.setdefault(identity(run)["seed"], []).append(cell.value)
+        means = [sum(v) / len(v) for v in by_seed.values()]
+        mean = sum(means) / len(means)
+        std = (sum((m - mean) ** 2 for m in means) / (len(means) - 1)) ** 0.5 if len(means) > 1 else None
+        return Cell(mean, std=std, n=len(means))
+    if len(cells) == 1:
+        return cells[0]
+    whys = dict.fromkeys(f"{r.path.name}: {c.why}" for r, c in zip(runs, cells) if c.value is None)
+    return Cell(why="; ".join(whys))
+
+
+def paper_row(spec: TableSpec, table: paper.PaperTable | None, keys: Mapping[str, Any]) -> dict[str, Any] | None:
+    if table is None:
+        return None
+    query = {k: keys[k] for k in table.keys if k in keys} | dict(spec.paper_fixed)
+    try:
+        return paper.lookup(table, **query)
+    except KeyError:
+        return None
+
+
+def build(spec: TableSpec, runs: Sequence[Run], baseline: str) -> list[Row]:
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        ident = identity(run)
+        if spec.select(ident, baseline):
+            groups.setdefault(tuple(ident[k] for k in spec.keys), []).append(run)
+    cells = {}
+    for key, members in groups.items():
+        measured = [spec.measure(run) for run in members]
+        cells[key] = {c.name: merge([m[c.name] for m in measured], members) for c in spec.columns}
+    table = paper.load(spec.paper) if spec.paper else None
+    rows = []
+    for key in sorted(groups, key=lambda k: order(dict(zip(spec.keys, k)))):
+        keys = dict(zip(spec.keys, key))
+        ref = tuple((keys | spec.reference(baseline))[k] for k in spec.keys) if spec.reference else key
+        delta = {}
+        if ref != key and ref in cells:
+            delta = {c: cell.value - cells[ref][c].value for c, cell in cells[key].items()
+                     if cell.value is not None and cells[ref][c].value is not None}
+        rows.append(Row(keys, tuple(groups[key]), cells[key], delta, paper_row(spec, table, keys)))
+    return rows
+
+
+def why_empty(spec: TableSpec, rows: Sequence[Row]) -> str | None:
+    """Why a table has nothing to show, or None when some cell has a value."""
+    if not rows:
+        return f"no run belongs in it (it takes {spec.selects})"
+    if any(c.value is not None for row in rows for c in row.cells.values()):
+        return None
+    whys = list(dict.fromkeys(c.why for row in rows for c in row.cells.values()))
+    return "no run has a value: " + "; ".join(whys[:3]) + (f" (and {len(whys) - 3} more)" if len(whys) > 3 else "")
+
