@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -101,5 +102,40 @@ def test_base_method_evaluates_the_untuned_model_only():
     assert launch.stages_of(cfg) == ["eval"]
     from im_repro import report
 
-    config = {"method": "base", "loss": {"name": "im"}, "data": {"name": "lima"}, "model": {"name": "llama2_7b"}}
-    assert report.method_name(config) == "base"
+    run = report.collect.Run(Path("x"), None, {"method": {"name": "base"}, "data": {"name": "lima"}})
+    assert report.identity(run)["dataset"] is None  # the base rows have no dataset
+
+
+@pytest.mark.slow
+def test_one_run_store_table4_and_table3_reuse_table1s_runs(tmp_path):
+    """A tiny Table 1 sweep, then Table 4's plan reuses its IM runs, and Table 3's report finds its IT and IM
+    baselines among them (one store, runs found by their settings)."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Q{i}?"},
+                                                     {"role": "assistant", "content": f"A{i}."}]}) + "\n"
+                            for i in range(8)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "IM_REPRO_CACHE": str(tmp_path / "cache")}
+    common = ["model=tiny", "train=smoke", "train.max_steps=1", "train.save_strategy=no", "train.max_seq_length=64",
+              "data=lima", f"data.path={data}", "stages=[prepare,train]", f"runs_dir={tmp_path / 'runs'}"]
+
+    def im_repro(*args, module="im_repro"):
+        proc = subprocess.run([sys.executable, "-m", module, *args, *common], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout.splitlines()
+
+    im_repro("-m", "experiment=table1")
+    assert len(list((tmp_path / "runs").glob("lima__tiny__*__smoke__seed42__*/train/_COMPLETE"))) == 3
+    plan = im_repro("-m", "experiment=table4", "dry_run=true")
+    states = {(line.split()[0].split("__")[2], line.split()[1]): line.split("  ")[-1].strip()
+              for line in plan if line.startswith("lima__tiny__")}
+    assert states == {("im", "prepare"): "reused", ("im", "train"): "reused",
+                      ("im_neftune", "prepare"): "to run", ("im_neftune", "train"): "to run"}
+
+    im_repro("experiment=table3", f"report.output_dir={tmp_path / 'out'}", "hydra.sweeper.params.data=lima",
+             module="im_repro.report")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    found = {(r["method"], r["kl_lambda"]): r["status"] for r in report["runs"]}
+    assert found[("it", None)] == found[("im", None)] == "done"  # Table 1's runs, trained once
+    assert found[("kl", 0.1)] is None  # never trained: its cells say "missing: run ... not found"
+    assert "missing: run lima__tiny__kl__smoke__seed42__" in report["skipped"]["table3"]  # and no eval ran

@@ -58,7 +58,8 @@ def make_run(root: Path, dataset: str, loss: str, *, scores: dict | None = None,
         "status": "failed" if failed else "done",
         "overrides": [f"data={dataset}", f"method={loss}", "experiment=synth"],
         "config": {"data": {"name": dataset, "limit": None}, "model": {"name": MODEL},
-                   "loss": {"name": loss, "mode": loss}, "train": {"neftune_alpha": None, "kl": {"mode": "none"}},
+                   "method": {"name": loss, "loss": loss}, "train": {"neftune_alpha": None, "kl": {"mode": "none"}},
+                   "eval": {"name": "paper"},
                    "seed": 42, "experiment": "synth", "stages": ["prepare", "train", "eval"]},
         "git": {"commit": "0123456789abcdef", "dirty": True},
         "packages": {"torch": "2.13.0+cpu", "transformers": "5.23.0", "lm-eval": "0.4.13"},
@@ -71,8 +72,8 @@ def make_run(root: Path, dataset: str, loss: str, *, scores: dict | None = None,
         (run / "train").mkdir(parents=True)
         (run / "train" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if scores is not None:
-        write(run / "eval" / "metrics.json", {**scores, "missing": missing or {}})
-        write(run / "eval" / "suite.json", {"suite": "paper", "checkpoint": str(run / "train" / "final"),
+        write(run / "eval" / "paper" / "metrics.json", {**scores, "missing": missing or {}})
+        write(run / "eval" / "paper" / "suite.json", {"suite": "paper", "checkpoint": str(run / "train" / "final"),
                                             "benchmarks": {b: {"kind": "harness", "category": c,
                                                                "higher_is_better": True}
                                                            for b, c in SUITE.items()}})
@@ -99,6 +100,11 @@ def report_cfg(tmp_path: Path, **fields):
                              "report": OmegaConf.structured(ReportConfig(output_dir=str(tmp_path / "out"), **fields))})
 
 
+def run_report(tmp_path: Path, **fields) -> dict:
+    """The report over every run folder the test made (the entry point selects them by the experiment's sweep)."""
+    return report.run(report_cfg(tmp_path, **fields), report.load_runs(tmp_path / "runs" / "synth"))
+
+
 def table_lines(text: str, prefix: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(prefix)]
 
@@ -119,7 +125,7 @@ GOLDEN_LIMA = """\
 
 
 def test_table1_markdown_csv_latex(runs: Path):
-    summary = report.run(report_cfg(runs, tables=["table1"], label="synthetic test - not a reproduction"))
+    summary = run_report(runs, tables=["table1"], label="synthetic test - not a reproduction")
     out = runs / "out"
     assert set(summary["written"]) == {"table1"} and not summary["skipped"]
     assert len(summary["runs"]) == 4  # the folder without a manifest is not a run
@@ -171,13 +177,13 @@ def test_table1_markdown_csv_latex(runs: Path):
 def test_paper_has_no_such_row(tmp_path: Path):
     root = tmp_path / "runs" / "synth"
     make_run(root, "lima", "weighted0.5", scores=IT_SCORES)
-    report.run(report_cfg(tmp_path, tables=["table1"]))
+    run_report(tmp_path, tables=["table1"])
     paper_line = table_lines((tmp_path / "out" / "table1.md").read_text(), "|  |  |  | paper")[0]
     assert paper_line == "|  |  |  | paper" + " | —" * 10 + " |"
 
 
 def test_table5_reproduces_the_papers_lima_row(runs: Path):
-    report.run(report_cfg(runs, tables=["table5"]))
+    run_report(runs, tables=["table5"])
     rows = {r["dataset"]: r for r in read_csv(runs / "out" / "table5.csv")}
     assert set(rows) == {"lima", "alpagasus_3k_dolly"}  # IT and IM share their training set: one row each
     lima = rows["lima"]
@@ -192,7 +198,7 @@ def test_table5_reproduces_the_papers_lima_row(runs: Path):
 
 
 def test_figures_from_data_and_skipped_without(runs: Path):
-    summary = report.run(report_cfg(runs, figures=["curves", "figure2_ratio", "figure2_size", "loss_histograms"]))
+    summary = run_report(runs, figures=["curves", "figure2_ratio", "figure2_size", "loss_histograms"])
     out = runs / "out"
     for name in ("curves", "figure2_ratio", "figure2_size"):  # LIMA has IT and IM AlpacaEval 1.0
         assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.pdf").stat().st_size > 0
@@ -213,7 +219,7 @@ def test_figure2_without_data_writes_nothing(tmp_path: Path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "figure2_ratio.png").write_bytes(b"stale")  # from an earlier report: must not pass for this one
-    summary = report.run(report_cfg(tmp_path, figures=["figure2_ratio"], tables=["table2"]))
+    summary = run_report(tmp_path, figures=["figure2_ratio"], tables=["table2"])
     assert summary["skipped"]["figure2_ratio"].startswith("no model and dataset has AlpacaEval 1.0 win rates")
     assert f"lima/im AlpacaEval 1.0: not run: train failed: {OOM}" in summary["skipped"]["figure2_ratio"]
     assert not list(out.glob("figure2_ratio.*"))
@@ -228,23 +234,30 @@ def test_loss_table_and_histograms(tmp_path: Path):
         for split, mean in (("train", train), ("test", test)):
             (run / "loss" / f"{split}.jsonl").write_text(
                 "".join(json.dumps({"loss": mean + d}) + "\n" for d in (-0.1, 0.1)))
-    summary = report.run(report_cfg(tmp_path, tables=["losses"], figures=["loss_histograms"]))
+    summary = run_report(tmp_path, tables=["losses"], figures=["loss_histograms"])
     assert set(summary["written"]) == {"losses", "loss_histograms"}
     rows = {r["method"]: r for r in read_csv(tmp_path / "out" / "losses.csv")}
     assert float(rows["im"]["test_loss_delta"]) == pytest.approx(1.17 - 1.32)
     assert float(rows["im"]["train_loss_vs_paper"]) == pytest.approx(0.0)
 
 
-@pytest.mark.parametrize("loss, neftune, kl, name", [
-    ("it", None, "none", "it"), ("im", None, "none", "im"), ("it", 5, "none", "neftune"),
-    ("im", 5, "none", "im_neftune"), ("it", None, "kl", "kl"), ("im", None, "kl_released", "im_kl"),
-])
-def test_method_names(loss, neftune, kl, name):
-    assert report.method_name({"loss": {"name": loss}, "train": {"neftune_alpha": neftune, "kl": {"mode": kl}}}) == name
+def test_seeds_are_reported_as_mean_std_and_count(tmp_path: Path):
+    root = tmp_path / "runs" / "synth"
+    for seed, shift in ((1, -1.0), (2, 0.0), (3, 1.0)):
+        run = make_run(root, "lima", "it", scores={k: v + shift for k, v in IT_SCORES.items()})
+        manifest = json.loads((run / "manifest.json").read_text())
+        manifest["config"]["seed"] = seed
+        write(run / "manifest.json", manifest)
+        run.rename(root / f"lima__{MODEL}__it__seed{seed}")
+    run_report(tmp_path, tables=["table1"])
+    row = read_csv(tmp_path / "out" / "table1.csv")[0]
+    assert float(row["mean"]) == pytest.approx(295 / 6) and float(row["mean_std"]) == pytest.approx(1.0)
+    assert row["mean_n"] == "3"
+    assert "| 49.17 ± 1.00 (n=3) |" in (tmp_path / "out" / "table1.md").read_text()
 
 
 def test_unknown_names_and_no_runs_fail_loudly(tmp_path: Path):
     with pytest.raises(ValueError, match="unknown \\['table9'\\]"):
-        report.run(report_cfg(tmp_path, tables=["table9"]))
-    with pytest.raises(FileNotFoundError, match="no run directory"):
-        report.run(report_cfg(tmp_path, tables=["table1"]))
+        run_report(tmp_path, tables=["table9"])
+    with pytest.raises(FileNotFoundError, match="none of the 0 runs"):
+        run_report(tmp_path, tables=["table1"])

@@ -23,12 +23,12 @@ def choices(group: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "group,choice", [(g, c) for g in ("data", "model", "loss", "train", "eval", "experiment") for c in choices(g)]
+    "group,choice", [(g, c) for g in ("data", "model", "method", "train", "eval", "experiment") for c in choices(g)]
 )
 def test_every_config_composes_and_resolves(group, choice):
     cfg = compose_with(f"{group}={choice}")
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert resolved["data"]["name"] and resolved["model"]["path"] and resolved["loss"]["mode"]
+    assert resolved["data"]["name"] and resolved["model"]["path"] and resolved["method"]["loss"]
 
 
 def test_misspelt_key_fails_at_start_up():
@@ -38,12 +38,7 @@ def test_misspelt_key_fails_at_start_up():
     with pytest.raises((ConfigCompositionException, ValidationError, ConfigKeyError)):
         compose_with("data.on_invalid=ignore")
     with pytest.raises((ConfigCompositionException, ValidationError)):
-        compose_with("loss.mode=it_im")
-
-
-def test_run_directory_is_named_from_the_config():
-    cfg = compose_with("data=alpagasus_3k_dolly", "model=smollm2", "loss=weighted", "seed=3", hydra=True)
-    assert cfg.hydra.run.dir == "runs/default/alpagasus_3k_dolly__smollm2__weighted0.5__seed3"
+        compose_with("method.loss=it_im")
 
 
 def im_repro(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -53,7 +48,7 @@ def im_repro(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_prepare_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
-    args = ["stages=[prepare]", "data=lima", f"data.path={CONVERSATIONS}", "data.limit=20", "model=tiny", "loss=it",
+    args = ["stages=[prepare]", "data=lima", f"data.path={CONVERSATIONS}", "data.limit=20", "model=tiny", "method=it",
             "train.max_seq_length=256", f"hydra.run.dir={run_dir}"]
     proc = im_repro(*args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -71,12 +66,13 @@ def test_prepare_end_to_end(tmp_path):
     assert all(len(x) <= 256 for x in ds["input_ids"]) and "labels" in ds.column_names
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["status"] == "done" and manifest["stages"]["prepare"]["status"] == "done"
-    assert manifest["config"]["loss"]["mode"] == "it" and manifest["packages"]["transformers"]
-    assert "commit" in manifest["git"] and f"data.path={CONVERSATIONS}" in manifest["overrides"]
+    first = manifest["invocations"][0]
+    assert first["status"] == "done" and first["stages"]["prepare"]["status"] == "done"
+    assert first["config"]["method"]["loss"] == "it" and first["packages"]["transformers"]
+    assert "commit" in first["git"] and f"data.path={CONVERSATIONS}" in first["overrides"]
 
-    again = im_repro(*args, cwd=tmp_path)  # complete: skipped, not redone
-    assert again.returncode == 0 and "skipping" in again.stderr + again.stdout
+    again = im_repro(*args, cwd=tmp_path)  # complete: reused, not redone
+    assert again.returncode == 0 and "reused" in again.stderr + again.stdout
 
 
 def test_bad_input_fails_before_writing_a_dataset(tmp_path):
@@ -86,7 +82,7 @@ def test_bad_input_fails_before_writing_a_dataset(tmp_path):
     proc = im_repro("data=lima", f"data.path={data}", "model=tiny", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode != 0 and f"{data}:2: field 'messages[0].role'" in proc.stderr
     assert not (run_dir / "prepare" / "dataset").exists()
-    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "failed"
+    assert json.loads((run_dir / "manifest.json").read_text())["invocations"][-1]["status"] == "failed"
 
 
 def test_unknown_stage_is_refused(tmp_path):
@@ -102,7 +98,7 @@ def test_prepare_with_workers_equals_one_process_and_reuses_its_cache(tmp_path, 
     monkeypatch.setenv("IM_REPRO_CACHE", str(tmp_path / "cache"))
     out = {}
     for procs in (1, 2):
-        cfg = compose_with("data=lima", f"data.path={CONVERSATIONS}", "model=tiny", "loss=im",
+        cfg = compose_with("data=lima", f"data.path={CONVERSATIONS}", "model=tiny", "method=im",
                            f"prepare.num_proc={procs}", "prepare.batch_size=4")
         prepare.run(cfg, tmp_path / f"p{procs}")
         out[procs] = datasets.load_from_disk(str(tmp_path / f"p{procs}" / "prepare" / "dataset")).to_dict()
@@ -110,7 +106,7 @@ def test_prepare_with_workers_equals_one_process_and_reuses_its_cache(tmp_path, 
     cached = list((tmp_path / "cache" / "prepare").glob("*/encoded*.arrow"))
     assert len({p.parent for p in cached}) == 1  # one key: same data, tokenizer, template, mode, length
 
-    cfg = compose_with("data=lima", f"data.path={CONVERSATIONS}", "model=tiny", "loss=it")
+    cfg = compose_with("data=lima", f"data.path={CONVERSATIONS}", "model=tiny", "method=it")
     prepare.run(cfg, tmp_path / "it")  # another mode: another cache entry
     assert len({p.parent for p in (tmp_path / "cache" / "prepare").glob("*/encoded*.arrow")}) == 2
 
@@ -120,9 +116,9 @@ def test_inspect_colours_tokens_and_writes_html(tmp_path, capsys):
 
     page = tmp_path / "x.html"
     inspect.main(["--index", "3", "--html", str(page), "data=lima", f"data.path={CONVERSATIONS}",
-                  "model=tiny", "loss=im"])
+                  "model=tiny", "method=im"])
     printed = capsys.readouterr().out
-    assert "lima[3] loss=im" in printed and "\x1b[32;4;1m" in printed  # an output token, supervised
+    assert "lima[3] method=im" in printed and "\x1b[32;4;1m" in printed  # an output token, supervised
     html = page.read_text()
     assert 'class="t c0"' in html and 'class="t c1 s"' in html and 'class="t c2 s"' in html
     assert 'class="t c0 s"' not in html  # template tokens never carry the loss under IM

@@ -12,7 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.neftune import activate_neftune
 
-from im_repro import prepare, train
+from im_repro import train
+from im_repro.run import execute
 from im_repro.collate import Collator
 from im_repro.masking import encode_full
 from im_repro.model import load_model
@@ -26,8 +27,7 @@ SMALL = ("model=tiny", "train=smoke", "train.max_seq_length=128", "train.global_
 def pipeline(run_dir, *overrides, limit=16, stages=("prepare", "train")):
     cfg = compose_with("data=lima", f"data.path={CONVERSATIONS}", f"data.limit={limit}",
                        *SMALL, *overrides)
-    for stage in stages:
-        {"prepare": prepare.run, "train": train.run}[stage](cfg, run_dir)
+    execute(cfg, run_dir, list(stages))
     return cfg
 
 
@@ -46,7 +46,7 @@ def cache(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("loss", ["it", "im", "im_released", "weighted"])
 def test_each_mode_trains_and_leaves_a_loadable_checkpoint(tmp_path, loss):
-    pipeline(tmp_path, f"loss={loss}")
+    pipeline(tmp_path, f"method={loss}")
     steps = [r for r in logs(tmp_path) if "loss" in r]
     assert len(steps) == 2 and all(r["loss"] > 0 and r["output_loss"] > 0 for r in steps)
     assert all(r["instruction_loss"] > 0 for r in steps)  # logged whatever the mode
@@ -59,7 +59,7 @@ def test_each_mode_trains_and_leaves_a_loadable_checkpoint(tmp_path, loss):
 
 
 def test_loss_falls_when_overfitting_eight_examples(tmp_path):
-    pipeline(tmp_path, "loss=im", "train.max_steps=25", "train.learning_rate=1e-2", "train.lr_scheduler=constant",
+    pipeline(tmp_path, "method=im", "train.max_steps=25", "train.learning_rate=1e-2", "train.lr_scheduler=constant",
              "train.global_batch_size=8",
              "train.per_device_batch_size=8", limit=8)
     losses = [r["loss"] for r in logs(tmp_path) if "loss" in r]
@@ -67,13 +67,13 @@ def test_loss_falls_when_overfitting_eight_examples(tmp_path):
 
 
 def test_same_seed_same_losses(tmp_path):
-    pipeline(tmp_path / "a", "loss=it")
-    pipeline(tmp_path / "b", "loss=it")
+    pipeline(tmp_path / "a", "method=it")
+    pipeline(tmp_path / "b", "method=it")
     key = lambda r: (r["loss"], r["grad_norm"], r["output_loss"])  # noqa: E731
     assert [key(r) for r in logs(tmp_path / "a") if "loss" in r] == [key(r) for r in logs(tmp_path / "b") if "loss" in r]
 
 
-RESUMABLE = ("loss=im", "train.max_steps=4", "train.save_strategy=steps", "train.save_steps=2")
+RESUMABLE = ("method=im", "train.max_steps=4", "train.save_strategy=steps", "train.save_steps=2")
 
 
 @pytest.fixture(scope="module")
@@ -301,8 +301,8 @@ def test_neftune_scales_each_example_by_its_own_length(neftune_models, micro_bat
 
 
 def test_kl_and_neftune_train_end_to_end(tmp_path):
-    pipeline(tmp_path / "kl", "loss=it", "train.kl.mode=kl", "train.kl.weight=0.1")
-    pipeline(tmp_path / "neft", "loss=im", "train.neftune_alpha=5")
+    pipeline(tmp_path / "kl", "method=it", "train.kl.mode=kl", "train.kl.weight=0.1")
+    pipeline(tmp_path / "neft", "method=im", "train.neftune_alpha=5")
     for run in ("kl", "neft"):
         assert all(r["loss"] > 0 for r in logs(tmp_path / run) if "loss" in r)
 
@@ -313,7 +313,7 @@ def test_wandb_writes_under_the_run_directory(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_DIR", raising=False)  # restored after the test, whatever train sets
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
-    pipeline(tmp_path / "run", "loss=it", "train.max_steps=1", "train.report_to=[wandb]", limit=4)
+    pipeline(tmp_path / "run", "method=it", "train.max_steps=1", "train.report_to=[wandb]", limit=4)
     assert list((tmp_path / "run" / "train" / "wandb").glob("offline-run-*"))
     assert not list((tmp_path / "cwd").iterdir())
 
@@ -322,24 +322,24 @@ def test_wandb_writes_under_the_run_directory(tmp_path, monkeypatch):
 
 
 def test_bad_settings_fail_before_any_compute(tmp_path):
-    pipeline(tmp_path, "loss=it", stages=("prepare",))
+    pipeline(tmp_path, "method=it", stages=("prepare",))
     with pytest.raises(ValueError, match="not a multiple of"):
-        pipeline(tmp_path, "loss=it", "train.global_batch_size=5", stages=("train",))
+        pipeline(tmp_path, "method=it", "train.global_batch_size=5", stages=("train",))
     assert not (tmp_path / "train").exists()
     with pytest.raises(FileNotFoundError, match="run the prepare stage first"):
-        pipeline(tmp_path / "fresh", "loss=it", stages=("train",))
+        pipeline(tmp_path / "fresh", "method=it", stages=("train",))
     with pytest.raises(FileNotFoundError, match="cannot load"):
-        pipeline(tmp_path, "loss=it", "model.init=pretrained", f"model.path={tmp_path / 'nowhere'}",
+        pipeline(tmp_path, "method=it", "model.init=pretrained", f"model.path={tmp_path / 'nowhere'}",
                  stages=("train",))
 
 
 def test_max_length_below_the_template_drops_everything_with_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no example has a supervised token"):
-        pipeline(tmp_path, "loss=it", "train.max_seq_length=8", stages=("prepare",))
+        pipeline(tmp_path, "method=it", "train.max_seq_length=8", stages=("prepare",))
 
 
 @pytest.mark.slow
 def test_smollm2_fine_tunes_a_few_steps(tmp_path):
-    pipeline(tmp_path, "model=smollm2", "loss=im", "train.max_steps=3", "train.learning_rate=1e-5", limit=12)
+    pipeline(tmp_path, "model=smollm2", "method=im", "train.max_steps=3", "train.learning_rate=1e-5", limit=12)
     losses = [r["output_loss"] for r in logs(tmp_path) if "loss" in r]
     assert all(0 < x < 6 for x in losses), losses  # a pretrained instruct model, not a random one (~10.4)
