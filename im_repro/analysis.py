@@ -1,6 +1,6 @@
 """The overfitting analyses of PAPER.md §4.3: train vs test loss (Figures 3, 8, 9) and BLEU memorisation (Table 2).
 
-    im-repro stages=[loss,memorization] data=lima loss=im model=...      (after prepare and train)
+    im-repro stages=[loss,memorization] data=lima method=im model=...      (after prepare and train)
 
 `loss` (`<run>/loss/`): each example's mean cross-entropy over its output tokens only (assistant content + the EOS
 closing it), whatever mode the model was trained with, so IT and IM runs compare on the same loss, as the released

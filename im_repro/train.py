@@ -1,6 +1,6 @@
 """The train stage: a prepared dataset + a base model -> an instruction-tuned checkpoint (transformers' Trainer).
 
-    im-repro stages=[prepare,train] data=lima model=tiny loss=im train=smoke
+    im-repro stages=[prepare,train] data=lima model=tiny method=im train=smoke
     accelerate launch --config_file conf/accelerate/deepspeed_zero3.yaml -m im_repro stages=[train] train=paper ...   (docs/multi_gpu.md)
 
 What the Trainer does not do and this module adds, in `ITTrainer.compute_loss`:

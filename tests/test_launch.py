@@ -29,25 +29,28 @@ def dry_run(tmp_path: Path, *overrides: str) -> list[str]:
 def test_table1_dry_run_lists_the_papers_jobs(tmp_path):
     lines = dry_run(tmp_path, "experiment=table1")
     jobs = [line.split() for line in lines[1:] if "__llama2_7b__" in line]
-    runs = {tuple(j[0].split("__")[:3]) for j in jobs}
+    runs = {tuple(j[0].split("__")[:3]) for j in jobs}  # <data>__<model>__<method>__<train>__seed<k>__<key>
     assert runs == {(d, "llama2_7b", m) for d in TABLE1_DATA for m in ("it", "neftune", "im")}
     assert Counter(j[1] for j in jobs) == {"prepare": 21, "train": 21, "eval": 21}
     train = next(j for j in jobs if j[1] == "train")
     assert train[2] == "prepare" and train[3:6] == ["1", "x", "4"]  # waits for prepare; 4 GPUs (the paper's)
     assert any(line.startswith("report table1") and "after the 21 runs" in line for line in lines)
     assert "21 runs, 64 jobs" in lines[-1]
-    assert not list(tmp_path.glob("table1/*/manifest.json"))  # nothing ran
+    assert not list(tmp_path.glob("*/manifest.json"))  # nothing ran
 
 
 def test_dry_run_marks_finished_stages_and_estimates_gpu_hours(tmp_path):
-    run = tmp_path / "x" / "lima__tiny__im__seed42"
-    (run / "prepare").mkdir(parents=True)
-    (run / "prepare" / "_COMPLETE").write_text("{}")
-    (run / "prepare" / "data_stats.json").write_text('{"tokenization": {"tokens": {"total": 1000000}}}')
+    from im_repro import runs
+
     cfg = compose_with("model=llama2_7b", "stages=[prepare,train,eval]", "experiment=x", "train.epochs=2")
+    run = tmp_path / "lima__llama2_7b__im__paper__seed42__abcdef"
+    prepare = runs.units(cfg, run, ["prepare"])["prepare"][0]
+    prepare.begin(fresh=True)
+    (run / "prepare" / "data_stats.json").write_text('{"tokenization": {"tokens": {"total": 1000000}}}')
+    prepare.finish({})
     plan = launch.plan(cfg, run)
     prepare, train, _ = plan["stages"]
-    assert prepare["complete"] and not train["complete"]
+    assert prepare["state"] == "reused" and train["state"] == "to run"
     # 6 x 6.74e9 params x 1e6 tokens x 2 epochs at 40% of 312 TFLOP/s
     assert train["gpu_hours"] == pytest.approx(6 * 6.74e9 * 1e6 * 2 / (312e12 * 0.4) / 3600)
     assert train["basis"] == "prepared"
