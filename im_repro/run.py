@@ -137,5 +137,6 @@ def run_units(cfg, run_dir: Path, stages: list[str], manifest: Manifest) -> dict
         manifest.stage(name, status="done", ended=now())
     return actions
 
+
 if __name__ == "__main__":
     main()

@@ -77,7 +77,8 @@ def test_prepare_end_to_end(tmp_path):
 
 def test_bad_input_fails_before_writing_a_dataset(tmp_path):
     data = tmp_path / "d.jsonl"
-    data.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "robot"}]}\n')
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+                    '{"messages": [{"role": "robot"}]}\n')
     run_dir = tmp_path / "run"
     proc = im_repro("data=lima", f"data.path={data}", "model=tiny", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode != 0 and f"{data}:2: field 'messages[0].role'" in proc.stderr

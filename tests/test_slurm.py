@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from im_repro.runs import latest
 from tests.conftest import ARTIFACTS, REPO
 
 SCRIPT = REPO / "scripts" / "slurm_local.sh"
@@ -205,7 +206,7 @@ def write_conversations(path: Path, n: int = 16) -> Path:
 def sweep(partition: str, data: Path, runs: Path, env: dict) -> tuple[subprocess.CompletedProcess, float]:
     cmd = [sys.executable, "-m", "im_repro", "-m", "hydra/launcher=slurm_local", f"hydra.launcher.partition={partition}",
            "stages=[prepare,train]", "model=tiny", "train=smoke", "data=lima", f"data.path={data}", "data.limit=16",
-           "loss=it,im", f"runs_dir={runs}"]
+           "method=it,im", f"runs_dir={runs}"]
     start = time.monotonic()
     # The jobs run from the repository (sbatch's working directory is the submitter's) with this environment
     # (sbatch exports it) and this interpreter (submitit runs sys.executable).
@@ -237,7 +238,8 @@ def test_sweep_through_slurm(slurm_partition, tmp_path):
     proc, first = sweep(slurm_partition, data, runs, env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:] + job_logs(runs)
     run_dirs = sorted(p.parent for p in runs.rglob("manifest.json"))
-    assert [p.name for p in run_dirs] == ["lima__tiny__im__seed42", "lima__tiny__it__seed42"], run_dirs
+    assert [p.name.rsplit("__", 1)[0] for p in run_dirs] == ["lima__tiny__im__smoke__seed42",
+                                                             "lima__tiny__it__smoke__seed42"], run_dirs
     # Through SLURM: submitit's sbatch script, one job array of two, each task's result pickled.
     scripts = list(runs.rglob(".submitit/*/*_submission.sh"))
     assert len(scripts) == 1 and f"#SBATCH --partition={slurm_partition}" in scripts[0].read_text()
@@ -245,23 +247,25 @@ def test_sweep_through_slurm(slurm_partition, tmp_path):
     assert len(list(runs.rglob(".submitit/*/*_result.pkl"))) == 2
     markers = {}
     for run_dir in run_dirs:
-        manifest = json.loads((run_dir / "manifest.json").read_text())
+        manifest = latest(json.loads((run_dir / "manifest.json").read_text()))
         assert manifest["status"] == "done", manifest
         assert {s: manifest["stages"][s]["status"] for s in ("prepare", "train")} == {"prepare": "done", "train": "done"}
-        assert manifest["config"]["loss"]["name"] == run_dir.name.split("__")[2]
+        assert manifest["config"]["method"]["name"] == run_dir.name.split("__")[2]
         assert (run_dir / "prepare" / "_COMPLETE").exists()
         assert (run_dir / "train" / "_COMPLETE").exists() and (run_dir / "train" / "final").is_dir()
         markers[run_dir] = (run_dir / "train" / "_COMPLETE").read_text()
 
-    # The same command again: both stages are complete, so every job skips them.
+    # The same command again: both stages are complete under the same keys, so every job reuses them.
     proc, second = sweep(slurm_partition, data, runs, env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:] + job_logs(runs)
     assert len(list(runs.rglob(".submitit/*/*_submission.sh"))) == 2
     for run_dir in run_dirs:
-        manifest = json.loads((run_dir / "manifest.json").read_text())
-        assert manifest["status"] == "done" and len(manifest["history"]) == 1, manifest["history"]
+        invocations = json.loads((run_dir / "manifest.json").read_text())["invocations"]
+        assert len(invocations) == 2 and invocations[-1]["status"] == "done", invocations
+        assert {s: invocations[-1]["stages"][s]["status"] for s in ("prepare", "train")} == {"prepare": "reused",
+                                                                                            "train": "reused"}
         log = "".join(p.read_text() for p in run_dir.glob("*.log"))  # Hydra's job log
-        assert "prepare: complete in" in log and "train: complete in" in log and "skipping" in log, log[-3000:]
-        assert seconds(manifest["stages"]["train"]) <= 5 and seconds(manifest["stages"]["prepare"]) <= 5
+        assert "prepare: finished under these settings" in log and "train: finished under these settings" in log, log[-3000:]
+        assert seconds(invocations[-1]) <= 30
         assert (run_dir / "train" / "_COMPLETE").read_text() == markers[run_dir]  # not redone
     print(f"SLURM sweep: first {first:.0f} s, re-submitted {second:.0f} s")
