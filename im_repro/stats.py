@@ -33,7 +33,7 @@ Items = Mapping[str, float]  # item id -> contribution; the plain mean is the ce
 
 def harness_items(folder: Path, metric: str, scale: float = 1.0) -> dict[str, float]:
     """`metric` ("acc_norm,none": lm-eval's metric,filter) per document of lm-eval's `samples_<task>.jsonl` files in
-    `folder` (one benchmark of `eval/lm_eval/`), in percent times `scale`, keyed "<task>/<doc_id>".
+    `folder` (one benchmark of a suite, `eval/<suite>/<benchmark>/`), in percent times `scale`, keyed "<task>/<doc_id>".
 
     One task: the documents' values. Several (a group or a tag): a group lm-eval aggregated (results.json `groups`)
     is the size-weighted mean, so the values are kept; a tag is the plain mean of its members (harness.score), so
@@ -123,7 +123,7 @@ def mt_bench_items(judgment_file: Path, turn: int | None = None) -> dict[str, fl
 
 
 def cell_items(eval_dir: Path, key: str) -> dict[str, float]:
-    """Per-item scores behind `key` of `<run>/eval/metrics.json` (a harness benchmark's name, "humaneval/pass@1",
+    """Per-item scores behind `key` of `<run>/eval/<suite>/metrics.json` (a harness benchmark's name, "humaneval/pass@1",
     "alpaca_eval_2.0/win_rate", "mt_bench/score", "mt_bench/turn1"), checked to average to the reported value."""
     eval_dir = Path(eval_dir)
     reported = json.loads((eval_dir / "metrics.json").read_text()).get(key)
@@ -145,7 +145,7 @@ def cell_items(eval_dir: Path, key: str) -> dict[str, float]:
         items = mt_bench_items(files[0], None if key == "mt_bench/score" else int(key[-1]))
     else:
         spec = json.loads((eval_dir / "suite.json").read_text())["benchmarks"][key]
-        items = harness_items(eval_dir / "lm_eval" / key, spec["metric"], spec["scale"])
+        items = harness_items(eval_dir / key, spec["metric"], spec["scale"])
     mean = float(np.mean(list(items.values())))
     if not math.isclose(mean, reported, rel_tol=1e-9, abs_tol=1e-9):
         raise ValueError(f"{eval_dir}: the {len(items)} per-item scores of {key!r} average {mean!r}, but "
@@ -159,7 +159,7 @@ def cell_stderr(eval_dir: Path, key: str, settings: StatsConfig = StatsConfig())
     benchmarks = json.loads((eval_dir / "suite.json").read_text())["benchmarks"]
     if benchmarks.get(key, {}).get("kind") == "harness":
         spec = benchmarks[key]
-        return harness_stderr(eval_dir / "lm_eval" / key, spec["metric"], spec["scale"])
+        return harness_stderr(eval_dir / key, spec["metric"], spec["scale"])
     return bootstrap_stderr(list(cell_items(eval_dir, key).values()), settings)
 
 

