@@ -174,10 +174,21 @@ class HarnessTask:
     num_fewshot: Optional[int] = None  # None: the task's own default
     higher_is_better: bool = True
     scale: float = 1.0  # the released code divides TER by 100
-    limit: Optional[float] = None  # examples per task (an int) or a fraction; overrides harness.limit
+    limit: Optional[int] = None  # the first N examples of each task; overrides harness.limit
     # Run the official task on local files of the same schema: {split: path}; `dataset_path` is arrow or json.
     data_files: Optional[dict[str, str]] = None
     dataset_path: str = "arrow"
+
+
+@dataclass
+class HarnessSeeds:
+    """The seeds handed to lm-eval's `simple_evaluate`; None: lm-eval's own default (its signature's), which the
+    paper's runs used. The run's `seed` never reaches them: it would change which few-shot examples are drawn."""
+
+    random_seed: Optional[int] = None
+    numpy_random_seed: Optional[int] = None
+    torch_random_seed: Optional[int] = None
+    fewshot_random_seed: Optional[int] = None
 
 
 @dataclass
@@ -186,7 +197,12 @@ class HarnessConfig:
     max_length: Optional[int] = None  # context length; None: the model's own (the README's ${MAX_LENGTH} flag)
     batch_size: str = "auto"
     max_batch_size: int = 64
-    limit: Optional[float] = None
+    limit: Optional[int] = None  # the first N examples of each task (an integer: lm-eval reads < 1.0 as a fraction)
+    seeds: HarnessSeeds = field(default_factory=HarnessSeeds)
+    # How a benchmark named by an lm-eval tag (ai2_arc, hendrycks_ethics, gpt3_translation_benchmarks, ...) is scored:
+    # lm-eval >= 0.4.3 no longer aggregates tags; its groups of the paper's era weighted each task by its size.
+    # true: that size-weighted mean (lm-eval's aggregate_subtask_metrics); false: the plain mean of the tasks.
+    tag_weight_by_size: bool = True
     apply_chat_template: bool = False  # the paper's prompts were most likely raw (PAPER.md §1.2)
     log_samples: bool = True
     tasks: dict[str, HarnessTask] = field(default_factory=dict)
@@ -198,10 +214,13 @@ class JudgeConfig:
 
     kind: str = "openai"  # openai | openai_compatible | local
     model: str = "gpt-4"  # API model name, or a Hub id / folder for kind=local
-    base_url: Optional[str] = None  # kind=openai_compatible
+    base_url: Optional[str] = None  # the server of kind=openai_compatible; for kind=openai, a proxy (None: OpenAI's)
     api_key_env: str = "OPENAI_API_KEY"
     max_new_tokens: int = 1024
-    max_retries: int = 6  # API errors are retried with exponential back-off
+    # The OpenAI client's own retries (connection errors, 408/409/429/5xx, with its exponential back-off) and
+    # per-request timeout; an error left after them is recorded in metrics.json's `missing`, never as a judgment.
+    max_retries: int = 6
+    timeout_s: float = 600.0
     gguf_file: Optional[str] = None
 
 
@@ -252,6 +271,9 @@ class MTBenchConfig:
 class EvalConfig:
     name: str = MISSING
     checkpoint: Optional[str] = None  # None: this run's train/final if complete, else model.path
+    # The dtype the checkpoint is evaluated in; auto: the checkpoint's own (lm-eval's default; fp16 for the Llama-2
+    # Hub checkpoints), independent of model.dtype, which is the dtype training loads the model in.
+    dtype: str = "auto"
     only: Optional[list[str]] = None  # benchmark names or categories to run; None: the whole suite
     generation_batch_size: int = 8
     harness: HarnessConfig = field(default_factory=HarnessConfig)

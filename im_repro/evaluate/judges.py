@@ -1,8 +1,8 @@
 """LLM judges for the open-ended benchmarks: the OpenAI API, any OpenAI-compatible server, or a local HF model.
 
 Every judge answers chat prompts (lists of {"role", "content"} messages) greedily. API judges retry transient errors
-with exponential back-off and raise `JudgeError` once `max_retries` is spent, so a caller never stores an API
-failure as if it were a judgment. A judge that cannot run here (no API key, no `openai` package) raises
+through the OpenAI client's own retries and raise `JudgeError` once they are spent (or on a malformed answer), so a
+caller never stores an API failure as if it were a judgment. A judge that cannot run here (no API key, no `openai` package) raises
 `JudgeUnavailable` when it is made, before anything is graded.
 """
 
@@ -12,7 +12,6 @@ import abc
 import logging
 import os
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -26,9 +25,6 @@ log = logging.getLogger("im_repro")
 
 Messages = list[dict]
 TopLogprobs = list[tuple[str, float]]  # (token text, log-probability), most likely first
-
-MAX_BACKOFF_S = 60.0
-
 
 class JudgeUnavailable(RuntimeError):
     """The configured judge cannot run in this environment; nothing was graded."""
@@ -79,37 +75,30 @@ class Judge(abc.ABC):
 
 
 class ApiJudge(Judge):
-    """A chat-completions endpoint (`openai.OpenAI` or any client with the same `chat.completions.create`)."""
+    """A chat-completions endpoint (`openai.OpenAI` or any client with the same `chat.completions.create`).
 
-    def __init__(self, client, model: str, *, max_retries: int = 6, concurrency: int = 4,
-                 sleep: Callable[[float], None] = time.sleep, backoff_s: float = 1.0):
+    Retrying is the client's: `openai.OpenAI(max_retries=, timeout=)` retries connection errors, timeouts, rate
+    limits and server errors with exponential back-off. Whatever error is left, and an answer without the expected
+    fields, becomes a `JudgeError` naming it.
+    """
+
+    def __init__(self, client, model: str, *, concurrency: int = 4):
         super().__init__(model)
-        self.client, self.model = client, model
-        self.max_retries, self.concurrency = max_retries, concurrency
-        self.sleep, self.backoff_s = sleep, backoff_s
+        self.client, self.model, self.concurrency = client, model, concurrency
 
-    def _with_retries(self, request: Callable[[], object]):
+    def _ask(self, read: Callable[[object], object], **request):
         import openai
 
-        # Errors a retry cannot fix (bad request, bad key, unknown model) fail at once instead of backing off.
-        permanent = (openai.BadRequestError, openai.AuthenticationError, openai.PermissionDeniedError,
-                     openai.NotFoundError, openai.UnprocessableEntityError)
-        attempt = 0
-        while True:
-            try:
-                return request()
-            except permanent as e:
-                raise JudgeError(f"judge {self.model}: {type(e).__name__}: {e}") from e
-            except openai.APIError as e:
-                if attempt == self.max_retries:
-                    raise JudgeError(
-                        f"judge {self.model}: still failing after {self.max_retries} retries: {type(e).__name__}: {e}"
-                    ) from e
-                delay = min(self.backoff_s * 2**attempt, MAX_BACKOFF_S)
-                attempt += 1
-                log.warning("judge %s: %s (%s); retry %d/%d in %.0f s", self.model, type(e).__name__, e,
-                            attempt, self.max_retries, delay)
-                self.sleep(delay)
+        try:
+            response = self.client.chat.completions.create(model=self.model, temperature=0, n=1, **request)
+        except openai.OpenAIError as e:
+            retries = getattr(self.client, "max_retries", None)
+            after = f" after {retries} retries" if retries else ""
+            raise JudgeError(f"judge {self.model} failed{after}: {type(e).__name__}: {e}") from e
+        try:
+            return read(response)
+        except (AttributeError, IndexError, KeyError, TypeError) as e:
+            raise JudgeError(f"judge {self.model}: malformed answer ({type(e).__name__}: {e}): {response!r:.300}") from e
 
     def _map(self, fn, prompts: list[Messages]) -> list:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
@@ -117,20 +106,15 @@ class ApiJudge(Judge):
 
     def complete(self, prompts: list[Messages], max_new_tokens: int) -> list[str]:
         def one(messages: Messages) -> str:
-            response = self._with_retries(lambda: self.client.chat.completions.create(
-                model=self.model, messages=messages, temperature=0, max_tokens=max_new_tokens, n=1,
-            ))
-            return response.choices[0].message.content or ""
+            return self._ask(lambda r: r.choices[0].message.content or "", messages=messages,
+                             max_tokens=max_new_tokens)
 
         return self._map(one, prompts)
 
     def top_logprobs(self, prompts: list[Messages], k: int) -> list[TopLogprobs]:
         def one(messages: Messages) -> TopLogprobs:
-            response = self._with_retries(lambda: self.client.chat.completions.create(
-                model=self.model, messages=messages, temperature=0, max_tokens=1, n=1, logprobs=True, top_logprobs=k,
-            ))
-            first = response.choices[0].logprobs.content[0]
-            return [(t.token, t.logprob) for t in first.top_logprobs]
+            return self._ask(lambda r: [(t.token, t.logprob) for t in r.choices[0].logprobs.content[0].top_logprobs],
+                             messages=messages, max_tokens=1, logprobs=True, top_logprobs=k)
 
         return self._map(one, prompts)
 
@@ -183,10 +167,14 @@ def make_judge(cfg: JudgeConfig, *, batch_size: int = 8) -> Judge:
         except ImportError as e:
             raise JudgeUnavailable(f"judge.kind={cfg.kind} needs the openai package: pip install 'openai>=1'") from e
         # Self-hosted servers (vLLM, TGI) usually accept any key, but the client refuses to start without one.
-        client = openai.OpenAI(api_key=key or "EMPTY", base_url=cfg.base_url, max_retries=0)
-        return ApiJudge(client, cfg.model, max_retries=cfg.max_retries, concurrency=batch_size)
+        client = openai.OpenAI(api_key=key or "EMPTY", base_url=cfg.base_url, max_retries=cfg.max_retries,
+                               timeout=cfg.timeout_s)
+        return ApiJudge(client, cfg.model, concurrency=batch_size)
     if cfg.kind == "local":
-        model, tokenizer = load_inference(cfg.model, cfg.model, "auto", cfg.gguf_file)
+        try:
+            model, tokenizer = load_inference(cfg.model, cfg.model, "auto", cfg.gguf_file)
+        except OSError as e:  # not on disk, and the Hub unreachable or offline
+            raise JudgeUnavailable(f"judge.kind=local could not load {cfg.model}: {e}") from e
         log.info("judge: local model %s (%.0fM parameters)", cfg.model, model.num_parameters() / 1e6)
         return LocalJudge(model, tokenizer, name=judge_label(cfg), batch_size=batch_size)
     raise ValueError(f"judge.kind must be openai, openai_compatible or local, got {cfg.kind!r}")
