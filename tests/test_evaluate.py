@@ -82,7 +82,7 @@ def test_score_reads_the_metric_and_aggregates_tags():
                "n-samples": {"arc_easy": {"effective": 3}, "arc_challenge": {"effective": 1}}}
     assert harness.score(results, "arc", spec)[0] == pytest.approx(100 * (3 * 0.5 + 0.25) / 4)
     results["results"]["ai2_arc"] = {"acc_norm,none": 0.4}  # a real group's aggregate wins
-    assert harness.score(results, "arc", spec) == (pytest.approx(40.0), "task")
+    assert harness.score(results, "arc", spec) == (pytest.approx(40.0), "lm-eval's own score of ai2_arc")
     ter = OmegaConf.create({"task": "wmt", "metric": "ter,none", "scale": 0.01, "data_files": None})
     assert harness.score({"results": {"wmt": {"ter,none": 80.0}}}, "wmt", ter)[0] == pytest.approx(80.0)
     with pytest.raises(KeyError, match="no metric 'acc,none'"):

@@ -121,10 +121,10 @@ def score(results: dict, name: str, spec, *, weight_by_size: bool = True) -> tup
     from lm_eval.api.metrics import aggregate_subtask_metrics
 
     task = lm_eval_name(name, spec)
-    for section, how in (("results", "task"), ("groups", "lm-eval group")):
+    for section in ("results", "groups"):
         value = results.get(section, {}).get(task, {}).get(spec.metric)
         if isinstance(value, (int, float)):
-            return 100.0 * spec.scale * value, how
+            return 100.0 * spec.scale * value, f"lm-eval's own score of {task}"
     # lm-eval >= 0.4.3 turned lambada, ai2_arc, hendrycks_ethics, ... from groups into tags, which it does not
     # aggregate: their members (the only tasks this call evaluated) are aggregated as lm-eval's groups did.
     members = {t: r[spec.metric] for t, r in results.get("results", {}).items()
