@@ -11,7 +11,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= true
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-slow test-slurm test-bwrap test-fresh test-all bench-prepare bench-train bench-eval inspect-demo clean
+.PHONY: help setup demo test test-slow test-slurm test-bwrap test-fresh test-all bench-prepare bench-train bench-eval gpu-check gpu-wheels inspect-demo clean
 # The paper's LIMA file when ../shared is beside the checkout, an offline shortcut; otherwise data=lima downloads it
 # from the paper's repository at a pinned commit, checks its sha256 and caches it.
 LIMA := $(wildcard ../shared/data/paper/lima_data.jsonl)
@@ -91,6 +91,24 @@ bench-train: setup  ## training tokens/s: micro-batch 1, padded, length-grouped,
 
 bench-eval: setup  ## generation tokens/s on the AlpacaEval path: batch 1 vs batched (SmolLM2)
 	$(PY) scripts/bench_eval.py $(LIMA_ARG)
+
+# The GPU check runs where PyTorch has CUDA: no `setup` (its CPU pins would replace the GPU's torch). It runs under the
+# venv's python where there is one, else python3, with .whl/'s packages (make gpu-wheels) when that python lacks them.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:  ## training tokens/s + MFU, bf16 numerics, DeepSpeed ZeRO-2/3, lm-eval + generation on one GPU (gpu_check.json); ARGS="--cpu --tiny" on CPU
+	@if ! $(GPU_PYTHON) -c "import datasets, deepspeed, hydra, lm_eval" 2>/dev/null; then \
+		$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade --target .whl/site .whl/*.whl || exit 1; \
+		export PYTHONPATH=$(CURDIR)/.whl/site$${PYTHONPATH:+:$$PYTHONPATH}; \
+	fi; PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) scripts/gpu_check.py $(ARGS)
+
+# CPython 3.12 manylinux x86-64 wheels (the GPU machines' Python); pure-Python source-only packages are built here.
+WHEEL_TARGET := --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+gpu-wheels:  ## download into .whl/ what a CUDA image with PyTorch lacks for gpu-check (requirements-gpu*.txt), < 60 MiB
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps $(WHEEL_TARGET) -d .whl -r requirements-gpu.txt
+	$(PYTHON) -m pip wheel -q --no-deps -w .whl -r requirements-gpu-source.txt
+	@size=$$(du -sm .whl | cut -f1); echo ".whl/: $$(ls .whl/*.whl | wc -l) wheels, $$size MiB"; test $$size -lt 60
 
 inspect-demo: setup  ## show which tokens of a LIMA example carry the loss under IT and IM
 	$(PY) -m im_repro.inspect data=lima $(DATA_PATH) method=it --index 30

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -71,15 +72,15 @@ def dense_floor(packed: dict, lengths: list[int]) -> dict:
     return block
 
 
-def plan(examples: list[dict], args, pad_id: int) -> dict[str, list[list[dict]]]:
-    """Per configuration, its global batches, each a list of micro-batches."""
+def plan(examples: list[dict], batch: int, max_len: int, pad_id: int) -> dict[str, list[list[dict]]]:
+    """Per configuration, its global batches of `batch` examples, each a list of micro-batches."""
     order = list(range(len(examples)))
     random.Random(1).shuffle(order)
     by_length = sorted(order, key=lambda i: len(examples[i]["input_ids"]))
-    shuffled, grouped = ([[examples[i] for i in ids[s : s + args.batch]] for s in range(0, len(ids), args.batch)]
+    shuffled, grouped = ([[examples[i] for i in ids[s : s + batch]] for s in range(0, len(ids), batch)]
                          for ids in (order, by_length))
     random.Random(2).shuffle(grouped)  # length-grouped micro-batches, still visited in random order
-    pad, pack = Collator(pad_id), Collator(pad_id, packing=True, max_row_tokens=args.max_len)
+    pad, pack = Collator(pad_id), Collator(pad_id, packing=True, max_row_tokens=max_len)
     one_row = Collator(pad_id, packing=True)  # the floor reshapes a single row of all the real tokens
     return {
         "mb1": [[pad([e]) for e in batch] for batch in shuffled],
@@ -90,12 +91,20 @@ def plan(examples: list[dict], args, pad_id: int) -> dict[str, list[list[dict]]]
     }
 
 
-def train_step(model, optimizer, micro_batches: list[dict], normalization: str = "per_example") -> None:
-    """One optimizer step; the loss is normalised over the whole global batch, as the train stage does."""
+def accumulate(model, micro_batches: list[dict], normalization: str = "per_example") -> torch.Tensor:
+    """Forward and backward of a global batch, its loss normalised over the whole batch as the train stage does."""
     total_norm = sum(normaliser(mb, normalization) for mb in micro_batches).clamp(min=1e-8)
+    parts = []
     for mb in micro_batches:
-        total = forward_loss(model, mb, normalization)[0]
-        (total / total_norm).backward()
+        part = forward_loss(model, mb, normalization)[0] / total_norm
+        part.backward()
+        parts.append(part.detach())
+    return torch.stack(parts).sum()
+
+
+def train_step(model, optimizer, micro_batches: list[dict], normalization: str = "per_example") -> None:
+    """One optimizer step over a global batch."""
+    accumulate(model, micro_batches, normalization)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -125,17 +134,31 @@ def tokens(micro_batches: list[dict]) -> int:
     return sum(int((mb["example_index"] >= 0).sum()) for mb in micro_batches)
 
 
-def time_steps(model, optimizer, plans: dict, steps: int) -> dict:
-    """Best time of each global batch per (mode, config), rounds interleaved: {(mode, config): {batch: seconds}}."""
-    best: dict = {(mode, config): {} for mode in MODES for config in CONFIGS}
+def synchronize() -> None:
+    """Wait for queued GPU work: a CUDA step returns before its kernels have run."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_steps(model, optimizer, plans: dict, steps: int, configs: tuple[str, ...] = CONFIGS,
+               layout: Callable[[str], None] = lambda config: None) -> dict:
+    """Best time of each global batch per (mode, config), rounds interleaved: {(mode, config): {batch: seconds}}.
+
+    `layout(config)` runs before each configuration's steps (gpu_check.py switches the attention kernel there).
+    """
+    best: dict = {(mode, config): {} for mode in MODES for config in configs}
     for mode, config in best:  # warm-up: first calls pay for lazy initialisation and the optimizer state
+        layout(config)
         train_step(model, optimizer, plans[mode][config][0])
     for step in range(steps):
-        for config in CONFIGS:  # IT and IM back to back, in alternating order: their ratio sees the least drift
+        for config in configs:  # IT and IM back to back, in alternating order: their ratio sees the least drift
+            layout(config)
             for mode in MODES[:: 1 if step % 2 else -1]:
                 i = step % len(plans[mode][config])
+                synchronize()
                 start = time.perf_counter()
                 train_step(model, optimizer, plans[mode][config][i])
+                synchronize()
                 best[(mode, config)][i] = min(time.perf_counter() - start, best[(mode, config)].get(i, float("inf")))
     return best
 
@@ -161,12 +184,19 @@ def memory_child(model, optimizer, batches: list[list[dict]]) -> None:
     print(proc_mib("VmHWM") - before)
 
 
-def report(plans: dict, best: dict, memory: dict, worst: float) -> None:
+def rates(plans: dict, best: dict) -> tuple[dict, dict, dict, dict]:
+    """(effective tokens, effective tokens/s per (mode, config); IM / IT step time ratios, computed positions per config)."""
+    configs = sorted({c for _, c in best}, key=CONFIGS.index)
     tok = {(m, c): sum(tokens(plans[m][c][i]) for i in b) for (m, c), b in best.items()}
     rate = {key: tok[key] / sum(b.values()) for key, b in best.items()}
     # IM / IT time per step as a median over global batches: one step slowed by a neighbour cannot swing it
-    ratios = {c: [best[("im", c)][i] / best[("it", c)][i] for i in best[("it", c)]] for c in CONFIGS}
-    computed = {c: sum(mb["input_ids"].numel() for b in plans["im"][c] for mb in b) for c in CONFIGS}
+    ratios = {c: [best[("im", c)][i] / best[("it", c)][i] for i in best[("it", c)]] for c in configs}
+    computed = {c: sum(mb["input_ids"].numel() for i in best[("im", c)] for mb in plans["im"][c][i]) for c in configs}
+    return tok, rate, ratios, computed
+
+
+def report(plans: dict, best: dict, memory: dict, worst: float) -> None:
+    tok, rate, ratios, computed = rates(plans, best)
     print(f"\n{'config':8} {'tokens':>7} {'computed':>9} {'IT tok/s':>9} {'IM tok/s':>9} {'IM/IT':>6} {'peak MiB':>9}")
     for c in CONFIGS:
         print(f"{c:8} {tok[('it', c)]:7d} {computed[c]:9d} {rate[('it', c)]:9.0f} {rate[('im', c)]:9.0f} "
@@ -209,7 +239,8 @@ def main() -> None:
     cfg = MODELS[args.model]
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    plans = {mode: plan(examples, args, pad_id) for mode, examples in load_examples(args, tokenizer).items()}
+    plans = {mode: plan(examples, args.batch, args.max_len, pad_id)
+             for mode, examples in load_examples(args, tokenizer).items()}
     model = load_model(cfg, len(tokenizer)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
     if args.memory_of:
