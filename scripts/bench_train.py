@@ -185,7 +185,7 @@ def memory_child(model, optimizer, batches: list[list[dict]]) -> None:
 
 
 def rates(plans: dict, best: dict) -> tuple[dict, dict, dict, dict]:
-    """(effective tokens, effective tokens/s per (mode, config); IM / IT step time ratios, computed positions per config)."""
+    """Per (mode, config): effective tokens, effective tokens/s; per config: IM / IT step time ratios, positions."""
     configs = sorted({c for _, c in best}, key=CONFIGS.index)
     tok = {(m, c): sum(tokens(plans[m][c][i]) for i in b) for (m, c), b in best.items()}
     rate = {key: tok[key] / sum(b.values()) for key, b in best.items()}

@@ -8,7 +8,7 @@ gpu-wheels` downloads them here into .whl/ for CPython 3.12), the one command (`
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target .whl/site .whl/*.whl && \
         PYTHONPATH=.whl/site:. python3 scripts/gpu_check.py
 
-At toy size on CPU, every section in about a minute (tests/test_gpu_check.py runs it):
+At toy size on CPU, every section in 2-3 minutes of 2 cores (tests/test_gpu_check.py runs it):
 
     python scripts/gpu_check.py --cpu --tiny
 
@@ -62,6 +62,7 @@ from bench_eval import time_generation  # noqa: E402
 from bench_train import CONFIGS, MODES, accumulate, plan, rates, synchronize, time_steps, train_step  # noqa: E402
 from im_repro.config import HarnessTask  # noqa: E402
 from im_repro.masking import IGNORE_INDEX, class_weights, encode_batch  # noqa: E402
+from im_repro.runs import read_jsonl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = ROOT / "scripts" / "data" / "lima_lengths.json"
@@ -99,7 +100,8 @@ def write_lengths(lima: Path) -> None:
     shapes = []
     for e in encode_batch(conversations, tokenizer, "im", "tulu", 2048):
         starts = np.r_[0, np.flatnonzero(np.diff(e.token_class)) + 1]
-        shapes.append([[int(e.token_class[s]), int(n)] for s, n in zip(starts, np.diff(np.r_[starts, len(e.input_ids)]))])
+        counts = np.diff(np.r_[starts, len(e.input_ids)])
+        shapes.append([[int(e.token_class[s]), int(n)] for s, n in zip(starts, counts)])
     LENGTHS.parent.mkdir(parents=True, exist_ok=True)
     LENGTHS.write_text(json.dumps({
         "source": f"{lima.name}: {len(shapes)} LIMA training examples, Llama-2 tokenizer, Tulu format, <= 2048 tokens",
@@ -177,6 +179,17 @@ class Bench:
         examples = lima_shaped(size.examples, size.max_len, self.model.config.vocab_size)
         self.plans = {mode: to_device(plan(examples[mode], size.batch, size.max_len, pad_id), device)
                       for mode in MODES}
+        self.fallback = None
+        try:  # one packed step first: a kernel that fails here (flex attention's compile, say) gives way to SDPA
+            self.layout("packed")
+            accumulate(self.model, self.plans["im"]["packed"][0])
+        except Exception as e:
+            if self.kernels["packed"] == "sdpa":
+                raise
+            self.fallback = {"kernel": self.kernels["packed"], "error": repr(e)[-2000:]}
+            print(f"packed attention {self.kernels['packed']} failed, using sdpa: {e!r}", flush=True)
+            self.kernels["packed"] = "sdpa"
+        self.model.zero_grad(set_to_none=True)
 
     def layout(self, config: str) -> None:
         kernel = self.kernels["packed" if config == "packed" else "padded"]
@@ -185,7 +198,8 @@ class Bench:
 
 
 def to_device(plans: dict, device: torch.device) -> dict:
-    return {c: [[{k: v.to(device) for k, v in mb.items()} for mb in b] for b in batches] for c, batches in plans.items()}
+    return {config: [[{k: v.to(device) for k, v in mb.items()} for mb in batch] for batch in batches]
+            for config, batches in plans.items()}
 
 
 # ----------------------------------------------------------------------------------------------- sections -------
@@ -201,7 +215,8 @@ def numerics(bench: Bench) -> dict:
         loss = float(accumulate(model, bench.plans[mode][config][0]))
         return loss, torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
 
-    out = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "attention": bench.kernels}
+    out = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "attention": bench.kernels,
+           "attention_fallback": bench.fallback}
     for mode in MODES:
         padded_loss, padded_grad = loss_and_grad("padded", mode)
         packed_loss, packed_grad = loss_and_grad("packed", mode)
@@ -234,7 +249,8 @@ def train(bench: Bench, size, peak: float | None) -> dict:
     params = sum(p.numel() for p in model.parameters()) - (0 if tied else model.get_input_embeddings().weight.numel())
     arch = model.config
     out: dict = {"model": bench.cfg.model.name, "parameters": sum(p.numel() for p in model.parameters()),
-                 "attention": bench.kernels, "gradient_checkpointing": model.is_gradient_checkpointing,
+                 "attention": bench.kernels, "attention_fallback": bench.fallback,
+                 "gradient_checkpointing": model.is_gradient_checkpointing,
                  "global_batch": size.batch, "max_len": size.max_len, "timed_rounds": size.steps, "configs": {}}
     for config in CONFIGS:
         flops = {m: sum(model_flops(bench.plans[m][config][i], params, arch.num_hidden_layers, arch.hidden_size)
@@ -300,7 +316,7 @@ def deepspeed(work: Path, cuda: bool) -> dict:
             if proc.returncode:
                 raise RuntimeError(f"{stage} {name}: exit {proc.returncode}\n{(proc.stdout + proc.stderr)[-3000:]}")
             summary = json.loads((run_dir / "train" / "_COMPLETE").read_text())
-            logs = [r for r in map(json.loads, (run_dir / "train" / "log.jsonl").read_text().splitlines()) if "loss" in r]
+            logs = [r for r in read_jsonl(run_dir / "train" / "log.jsonl") if "loss" in r]
             runs[name] = {"seconds": time.perf_counter() - start, "global_step": summary["global_step"],
                           "resumed_from": summary["resumed_from"], "last_loss": logs[-1]["loss"]}
         checkpoint = run_dir / "train" / "checkpoints" / "checkpoint-2" / "global_step2"
@@ -379,8 +395,9 @@ def summary_rows(result: dict) -> list[tuple[str, float | None]]:
         rows += [("packed vs padded loss, rel diff", max(s["numerics"][m]["loss_rel_diff"] for m in MODES)),
                  ("packed vs padded gradient, rel diff", max(s["numerics"][m]["grad_rel_diff"] for m in MODES))]
     if "zero2" in s.get("deepspeed", {}):
-        rows += [(f"DeepSpeed {z} saved and resumed", float(s["deepspeed"][z]["deepspeed_checkpoint"]
-                                                           and s["deepspeed"][z]["resumed"])) for z in ("zero2", "zero3")]
+        ds = s["deepspeed"]
+        rows += [(f"DeepSpeed {z} saved and resumed", float(ds[z]["deepspeed_checkpoint"] and ds[z]["resumed"]))
+                 for z in ("zero2", "zero3")]
     if "lm_eval" in s.get("eval", {}):
         e = s["eval"]
         rows += [("lm-eval log-likelihood requests/s", e["lm_eval"]["requests_per_s"]),

@@ -39,6 +39,7 @@ def gpu_check(tmp_path: Path, *sections: str) -> dict:
 
 def check_numerics(n: dict) -> None:
     assert n["dtype"] == "float32" and n["attention"] == {"packed": "sdpa", "padded": "sdpa"}
+    assert n["attention_fallback"] is None
     for mode in ("it", "im"):
         # packing must not let examples see each other: in float32 it matches the padded reference to rounding
         assert n[mode]["loss_rel_diff"] <= 1e-5 and n[mode]["grad_rel_diff"] <= 1e-4, n
