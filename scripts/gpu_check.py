@@ -19,8 +19,8 @@ Sections (--sections picks some); a failing one is recorded in the JSON and the 
              LIMA-shaped global batches, laid out as scripts/bench_train.py does: mb1 (the paper's micro-batch of 1),
              padded, grouped (by length), packed (padding-free rows, position ids restarting per example) and the dense
              floor. Effective (non-padding) tokens/s, MFU, peak GPU memory, IM / IT step time.
-  deepspeed  the real train stage (python -m im_repro) on model=tiny with conf/deepspeed/zero2.json and zero3.json: two
-             steps and a checkpoint, then a run that resumes from it for a third
+  deepspeed  the real train stage (python -m im_repro) on model=tiny with conf/deepspeed/zero2.json and zero3.json:
+             three steps with a checkpoint at 2, then the same command after a simulated kill in step 3 (it resumes)
   eval       lm-eval's HF backend through im_repro.evaluate.harness: log-likelihood requests/s on the official ARC-Easy
              task over a local file of synthetic questions; greedy generation tokens/s, batch 1 against batched, through
              the AlpacaEval path's Generator (prompts in the Tulu format)
@@ -42,6 +42,7 @@ import importlib.util
 import json
 import os
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -62,7 +63,8 @@ from bench_eval import time_generation  # noqa: E402
 from bench_train import CONFIGS, MODES, accumulate, plan, rates, synchronize, time_steps, train_step  # noqa: E402
 from im_repro.config import HarnessTask  # noqa: E402
 from im_repro.masking import IGNORE_INDEX, class_weights, encode_batch  # noqa: E402
-from im_repro.runs import read_jsonl  # noqa: E402
+from im_repro.run import compose, lima_overrides, load_data  # noqa: E402
+from im_repro.runs import MARKER, STARTED, read_jsonl, read_record, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = ROOT / "scripts" / "data" / "lima_lengths.json"
@@ -96,7 +98,7 @@ def write_lengths(lima: Path) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "artifacts" / "tokenizers" / "llama2")
-    conversations = [json.loads(line)["messages"] for line in lima.read_text().splitlines()]
+    conversations = [x["messages"] for x in load_data(lima_overrides(str(lima)))]
     shapes = []
     for e in encode_batch(conversations, tokenizer, "im", "tulu", 2048):
         starts = np.r_[0, np.flatnonzero(np.diff(e.token_class)) + 1]
@@ -130,16 +132,6 @@ def lima_shaped(count: int, max_len: int, vocab: int) -> dict[str, list[dict]]:
 # ----------------------------------------------------------------------------------------------- set-up ---------
 
 
-def compose(*overrides: str):
-    """The project's config for these overrides, as `im-repro` composes it."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    import im_repro.run  # noqa: F401  (registers the schema and the resolvers)
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
-
-
 def attention_kernels(device: torch.device, requested: str | None) -> dict[str, str]:
     """{"packed": ..., "padded": ...}: kernels that keep packed examples apart, and the one for padded layouts."""
     flash = importlib.util.find_spec("flash_attn") is not None and device.type == "cuda"
@@ -169,7 +161,7 @@ class Bench:
         from im_repro.model import load_model, load_tokenizer
 
         dtype = "bfloat16" if device.type == "cuda" else None  # the paper trains in bf16; CPU keeps the config's
-        self.cfg = compose(f"model={size.model}", *([f"model.dtype={dtype}"] if dtype else []))
+        self.cfg = compose([f"model={size.model}", *([f"model.dtype={dtype}"] if dtype else [])])
         tokenizer = load_tokenizer(self.cfg.model)
         self.kernels = attention_kernels(device, attention)
         with device:  # initialise on the GPU: a 1B model's random init on the CPU takes longer than its steps
@@ -289,8 +281,19 @@ def synthetic_conversations(count: int, rng: random.Random) -> list[dict]:
             for _ in range(count)]
 
 
+def kill_after_checkpoint_2(train_dir: Path) -> None:
+    """Leave a finished train folder as a job killed during step 3 leaves it: checkpoint-2 and no later one, no final
+    weights, the work recorded as started, not finished (runs.Unit then calls it partial: the same command resumes)."""
+    record = read_record(train_dir / MARKER)
+    write_json(train_dir / STARTED, {k: record[k] for k in ("key", "settings")} | {"started": record["finished"]})
+    (train_dir / MARKER).unlink()
+    shutil.rmtree(train_dir / "final")
+    shutil.rmtree(train_dir / "checkpoints" / "checkpoint-3", ignore_errors=True)
+
+
 def deepspeed(work: Path, cuda: bool) -> dict:
-    """ZeRO-2 and ZeRO-3 through `python -m im_repro` on one process: 2 steps and a checkpoint, then resume to 3."""
+    """ZeRO-2 and ZeRO-3 through `python -m im_repro` on one process: 3 steps with a checkpoint at 2, then the same
+    command after a simulated kill in step 3, which must resume from checkpoint-2 and reach step 3's loss again."""
     data = work / "ds_data.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in synthetic_conversations(16, random.Random(0))))
     env = {**os.environ, "IM_REPRO_CACHE": str(work / "cache"), "WANDB_MODE": "offline", "MASTER_ADDR": "127.0.0.1",
@@ -301,17 +304,19 @@ def deepspeed(work: Path, cuda: bool) -> dict:
     out = {}
     for stage in ("zero2", "zero3"):
         run_dir = work / f"ds_{stage}"
-        common = ["data=lima", f"data.path={data}", "model=tiny", "loss=im", "train=smoke",
+        common = ["stages=[prepare,train]", "data=lima", f"data.path={data}", "model=tiny", "method=im", "train=smoke",
+                  "train.max_steps=3", "train.save_steps=2",
                   f"train.deepspeed={ROOT / 'conf' / 'deepspeed' / f'{stage}.json'}", f"train.bf16={str(cuda).lower()}",
                   f"train.gradient_checkpointing={str(cuda).lower()}", f"hydra.run.dir={run_dir}"]
         runs = {}
-        for name, extra in (("first", ["stages=[prepare,train]", "train.max_steps=2"]),
-                            ("resume", ["stages=[train]", "train.max_steps=3", "force=true"])):
+        for name in ("first", "resume"):
+            if name == "resume":
+                kill_after_checkpoint_2(run_dir / "train")
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 env["MASTER_PORT"] = str(s.getsockname()[1])
             start = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "im_repro", *common, *extra], cwd=ROOT, env=env,
+            proc = subprocess.run([sys.executable, "-m", "im_repro", *common], cwd=ROOT, env=env,
                                   capture_output=True, text=True, timeout=600)
             if proc.returncode:
                 raise RuntimeError(f"{stage} {name}: exit {proc.returncode}\n{(proc.stdout + proc.stderr)[-3000:]}")
@@ -321,7 +326,9 @@ def deepspeed(work: Path, cuda: bool) -> dict:
                           "resumed_from": summary["resumed_from"], "last_loss": logs[-1]["loss"]}
         checkpoint = run_dir / "train" / "checkpoints" / "checkpoint-2" / "global_step2"
         out[stage] = {**runs, "deepspeed_checkpoint": checkpoint.is_dir() and any(checkpoint.iterdir()),
-                      "resumed": runs["resume"]["resumed_from"] is not None and runs["resume"]["global_step"] == 3}
+                      "resumed": runs["resume"]["resumed_from"] is not None and runs["resume"]["global_step"] == 3,
+                      "step_3_loss_rel_diff": abs(runs["resume"]["last_loss"] - runs["first"]["last_loss"])
+                      / abs(runs["first"]["last_loss"])}
     return out
 
 
@@ -331,7 +338,7 @@ def evaluation(bench: Bench | None, size, work: Path, device: torch.device) -> d
     from im_repro.evaluate.generate import chat_prompt, load_inference
     from im_repro.model import load_model, load_tokenizer
 
-    cfg = bench.cfg if bench else compose(f"model={size.model}")
+    cfg = bench.cfg if bench else compose([f"model={size.model}"])
     tokenizer = load_tokenizer(cfg.model)
     model = bench.model if bench else load_model(cfg.model, len(tokenizer))
     checkpoint = work / "checkpoint"
