@@ -132,6 +132,8 @@ def run_units(cfg, run_dir: Path, stages: list[str], manifest: Manifest) -> dict
             else:
                 todo[0].finish(STAGES[name](cfg, run_dir))
         except BaseException as e:
+            for unit in todo:
+                unit.abandon()
             manifest.stage(name, status="failed", ended=now(), error=repr(e))
             raise
         manifest.stage(name, status="done", ended=now())

@@ -186,12 +186,16 @@ class Unit(StageOutput):
         """What the folder says made it: the finished marker, else the record of work started; None if empty."""
         return read_record(self.marker) or read_record(self.path / STARTED)
 
+    def made_nothing(self) -> bool:
+        """No output here: no folder, or only the record of work that stopped before writing anything."""
+        return not self.path.exists() or all(p.name == STARTED for p in self.path.iterdir())
+
     def state(self) -> str:
         """done (finished under this key) | partial (started under it) | new (nothing there) | stale (other key)."""
+        if self.made_nothing():
+            return "new"
         record = self.record()
-        if record is None:
-            return "new" if not self.path.exists() or not any(self.path.iterdir()) else "stale"
-        if record.get("key") != self.key:
+        if record is None or record.get("key") != self.key:
             return "stale"
         return "done" if self.complete else "partial"
 
@@ -211,6 +215,11 @@ class Unit(StageOutput):
         self.path.mkdir(parents=True, exist_ok=True)
         self.marker.unlink(missing_ok=True)
         write_json(self.path / STARTED, {"key": self.key, "settings": self.settings, "started": now()})
+
+    def abandon(self) -> None:
+        """After a failure: a unit that wrote nothing leaves no folder (a typo must not look like stale work)."""
+        if int(os.environ.get("RANK", 0)) == 0 and self.made_nothing():
+            shutil.rmtree(self.path, ignore_errors=True)
 
     def finish(self, summary: dict) -> None:
         if int(os.environ.get("RANK", 0)) == 0:

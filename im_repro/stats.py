@@ -36,8 +36,9 @@ def harness_items(folder: Path, metric: str, scale: float = 1.0) -> dict[str, fl
     `folder` (one benchmark of a suite, `eval/<suite>/<benchmark>/`), in percent times `scale`, keyed "<task>/<doc_id>".
 
     One task: the documents' values. Several (a group or a tag): a group lm-eval aggregated (results.json `groups`)
-    is the size-weighted mean, so the values are kept; a tag is the plain mean of its members (harness.score), so
-    each document is weighted by (documents) / (members x its task's documents).
+    and a tag aggregated size-weighted (harness.score's default) are the mean over all documents, so the values are
+    kept; a tag aggregated as the plain mean of its members (eval.harness.tag_weight_by_size=false) weights each
+    document by (documents) / (members x its task's documents).
     """
     folder = Path(folder)
     name, _, filter_ = metric.partition(",")
@@ -58,25 +59,36 @@ def harness_items(folder: Path, metric: str, scale: float = 1.0) -> dict[str, fl
     if not per_task:
         raise FileNotFoundError(f"{folder}: no samples_*.jsonl with filter {filter_!r} (eval.harness.log_samples=false?)")
     results = json.loads((folder / "results.json").read_text())
-    if len(per_task) == 1 or results.get("groups"):
+    if len(per_task) == 1 or results.get("groups") or not _plain_tag(folder):
         return {k: v for values in per_task.values() for k, v in values.items()}
     total = sum(len(values) for values in per_task.values())
     return {k: v * total / (len(per_task) * len(values)) for values in per_task.values() for k, v in values.items()}
 
 
+def _plain_tag(folder: Path) -> bool:
+    """Whether the eval stage scored this tag as the plain mean of its tasks (its metrics.json says how)."""
+    path = Path(folder) / "metrics.json"
+    return path.exists() and json.loads(path.read_text()).get("aggregation", "").startswith("plain mean")
+
+
 def harness_stderr(folder: Path, metric: str, scale: float = 1.0) -> float:
     """lm-eval's own standard error of the benchmark in `folder` (its results.json), in the cell's unit: the group's
-    when lm-eval aggregated one, else the task's, else (a tag) that of the mean of independent members."""
+    when lm-eval aggregated one, else the task's, else (a tag) that of its aggregate of independent members."""
     results = json.loads((Path(folder) / "results.json").read_text())
     name, _, filter_ = metric.partition(",")
     key = f"{name}_stderr,{filter_}"
     groups = [r[key] for r in results.get("groups", {}).values() if isinstance(r.get(key), (int, float))]
     if groups:
         return 100.0 * scale * groups[0]
-    members = [r.get(key) for r in results["results"].values() if metric in r]
-    if not members or not all(isinstance(s, (int, float)) for s in members):
+    members = {t: r.get(key) for t, r in results["results"].items() if metric in r}
+    if not members or not all(isinstance(s, (int, float)) for s in members.values()):
         raise KeyError(f"{folder}/results.json: no numeric {key!r} for every task reporting {metric!r}")
-    return 100.0 * scale * math.sqrt(sum(s * s for s in members)) / len(members)
+    if _plain_tag(folder):
+        weights = {t: 1 / len(members) for t in members}
+    else:
+        sizes = {t: results["n-samples"][t]["effective"] for t in members}
+        weights = {t: n / sum(sizes.values()) for t, n in sizes.items()}
+    return 100.0 * scale * math.sqrt(sum((weights[t] * s) ** 2 for t, s in members.items()))
 
 
 def humaneval_items(folder: Path, temperature: float, k: int = 1) -> dict[str, float]:

@@ -16,6 +16,7 @@ from im_repro import analysis, prepare, subsets
 from im_repro.data import length_stats
 from im_repro.masking import encode_full
 from im_repro.templates import Span
+from im_repro.run import execute
 from tests.conftest import compose_with
 
 TRAIN = [
@@ -88,9 +89,8 @@ def loss_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("loss")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("IM_REPRO_CACHE", str(tmp_path / "cache"))
-        cfg = config(tmp_path, "loss=im", "analysis.loss_limit=5")
-        prepare.run(cfg, tmp_path)
-        analysis.run_loss(cfg, tmp_path)
+        cfg = config(tmp_path, "method=im", "analysis.loss_limit=5")
+        execute(cfg, tmp_path, ["prepare", "loss"])
     return cfg, tmp_path
 
 
@@ -146,7 +146,7 @@ def test_complete_loss_stage_is_skipped(loss_run, monkeypatch):
         raise AssertionError("a complete stage must not load the model")
 
     monkeypatch.setattr("im_repro.evaluate.load_for_generation", no_model)
-    analysis.run_loss(cfg, run)
+    assert execute(cfg, run, ["loss"]) == {"loss": "skip"}
     assert (run / "loss" / "summary.json").stat().st_mtime_ns == before
 
 
@@ -232,7 +232,7 @@ def test_memorization_asks_the_first_instruction_and_scores_the_first_reply(tmp_
 
 def test_memorization_stage_generates_greedily_resumes_and_skips(tmp_path, llama2):
     cfg = config(tmp_path, "analysis.memorization_limit=3")
-    analysis.run_memorization(cfg, tmp_path)  # the tiny random model, saved by evaluate.checkpoint
+    execute(cfg, tmp_path, ["memorization"])  # the tiny random model, saved by evaluate.checkpoint
     out = tmp_path / "memorization"
     records = read_jsonl(out / "generations.jsonl")
     summary = json.loads((out / "summary.json").read_text())
@@ -247,8 +247,8 @@ def test_memorization_stage_generates_greedily_resumes_and_skips(tmp_path, llama
     analysis.run_memorization(cfg, tmp_path, generator=fake)
     assert fake.prompts == 1 and len(read_jsonl(out / "generations.jsonl")) == 3
 
-    analysis.run_memorization(cfg, tmp_path, generator=fake)  # complete: skipped
-    assert fake.prompts == 1
+    execute(cfg, tmp_path, ["memorization"])  # generations complete: only the summary and the marker are written
+    assert execute(cfg, tmp_path, ["memorization"]) == {"memorization": "skip"}
 
 
 # ------------------------------------------------------------------------------------------ Figure 2 subsets -

@@ -62,7 +62,7 @@ def run(cmd: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def pipeline(run_dir: Path, *overrides: str, stages: str = "[prepare,train]") -> list[str]:
-    return [f"stages={stages}", "data=lima", f"data.path={CONVERSATIONS}", "data.limit=16", "model=tiny", "loss=im",
+    return [f"stages={stages}", "data=lima", f"data.path={CONVERSATIONS}", "data.limit=16", "model=tiny", "method=im",
             "train=smoke", "train.max_steps=2", f"hydra.run.dir={run_dir}", *overrides]
 
 

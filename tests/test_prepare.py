@@ -47,7 +47,7 @@ def stats_of(run_dir) -> dict:
 @pytest.mark.parametrize("loss", ["it", "im", "im_released", "full", "weighted"])
 def test_output_less_examples_are_dropped_in_every_mode(tmp_path, files, loss):
     extra = ("loss.prompt_loss_weight=0.5",) if loss == "weighted" else ()
-    ds, stats = prepared(tmp_path, files["mixed"], f"loss={loss}", *extra)
+    ds, stats = prepared(tmp_path, files["mixed"], f"method={loss}", *extra)
     tok = stats["tokenization"]
     assert sorted(ds["id"]) == ["0", "1", "2"]
     assert tok["dropped_truncated_no_output"] == 2 and tok["dropped_no_supervision"] == 0 and tok["kept"] == 3
@@ -55,21 +55,21 @@ def test_output_less_examples_are_dropped_in_every_mode(tmp_path, files, loss):
 
 
 def test_keep_output_less_is_the_papers_behaviour(tmp_path, files):
-    ds, stats = prepared(tmp_path / "im", files["mixed"], "loss=im", "data.keep_output_less=true")
+    ds, stats = prepared(tmp_path / "im", files["mixed"], "method=im", "data.keep_output_less=true")
     assert sorted(ds["id"]) == ["0", "1", "2", "3", "4"]  # IM still supervises their instructions
     assert stats["tokenization"]["truncated_no_output"] == 2
     assert stats["tokenization"]["dropped_truncated_no_output"] == 0
-    ds, stats = prepared(tmp_path / "it", files["mixed"], "loss=it", "data.keep_output_less=true")
+    ds, stats = prepared(tmp_path / "it", files["mixed"], "method=it", "data.keep_output_less=true")
     assert sorted(ds["id"]) == ["0", "1", "2"] and stats["tokenization"]["dropped_no_supervision"] == 2
 
 
 def test_data_stats_is_written_when_nothing_is_left(tmp_path, files):
     with pytest.raises(ValueError, match="no example has a supervised token and an output token"):
-        prepared(tmp_path / "long", files["long"], "loss=im")
+        prepared(tmp_path / "long", files["long"], "method=im")
     stats = stats_of(tmp_path / "long")
     assert stats["tokenization"]["dropped_truncated_no_output"] == 2 and stats["tokenization"]["kept"] == 0
 
     with pytest.raises(ValueError, match="no valid examples"):
-        prepared(tmp_path / "invalid", files["invalid"], "loss=im", "data.on_invalid=skip")
+        prepared(tmp_path / "invalid", files["invalid"], "method=im", "data.on_invalid=skip")
     reasons = stats_of(tmp_path / "invalid")["data"]["skipped_by_reason"]
     assert reasons["no_assistant_turn"] == 1 and reasons["bad_json"] == 1 and sum(reasons.values()) == 2

@@ -167,10 +167,14 @@ def test_mt_bench_items_average_to_the_pooled_score(tmp_path):
     assert set(stats.mt_bench_items(tmp_path / "judge_single.jsonl")) == {"81", "82", "83"}  # 84: nothing parsed
 
 
-def samples_folder(folder: Path, tasks: dict[str, list[float]], groups: dict | None = None) -> dict:
-    results = {"results": {t: {"acc,none": float(np.mean(v))} for t, v in tasks.items()}, "groups": groups or {}}
+def samples_folder(folder: Path, tasks: dict[str, list[float]], groups: dict | None = None,
+                   aggregation: str | None = None) -> dict:
+    results = {"results": {t: {"acc,none": float(np.mean(v))} for t, v in tasks.items()}, "groups": groups or {},
+               "n-samples": {t: {"effective": len(v)} for t, v in tasks.items()}}
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps(results))
+    if aggregation:
+        (folder / "metrics.json").write_text(json.dumps({"aggregation": aggregation}))
     for task, values in tasks.items():
         write_jsonl(folder / f"samples_{task}.jsonl",
                     [{"doc_id": i, "filter": "none", "acc": v} for i, v in enumerate(values)])
@@ -182,12 +186,37 @@ def test_harness_items_of_a_tag_average_to_the_reported_score(tmp_path):
 
     spec = OmegaConf.create({"task": "ai2_arc", "metric": "acc,none", "scale": 1.0, "data_files": None})
     tasks = {"arc_easy": [1, 1, 0, 1, 0, 1], "arc_challenge": [0, 1]}
-    results = samples_folder(tmp_path / "arc", tasks)  # a tag: lm-eval reports the members only
-    items = stats.harness_items(tmp_path / "arc", "acc,none")
-    assert np.mean(list(items.values())) == pytest.approx(harness.score(results, "arc", spec))
+    # a tag: lm-eval reports the members only, and the eval stage aggregates them as lm-eval's groups did
+    results = samples_folder(tmp_path / "arc", tasks)
+    value, how = harness.score(results, "arc", spec)
+    assert how.startswith("size-weighted")
+    assert np.mean(list(stats.harness_items(tmp_path / "arc", "acc,none").values())) == pytest.approx(value)
+    plain, how = harness.score(results, "arc", spec, weight_by_size=False)
+    samples_folder(tmp_path / "plain", tasks, aggregation=how)
+    assert plain != pytest.approx(value)
+    assert np.mean(list(stats.harness_items(tmp_path / "plain", "acc,none").values())) == pytest.approx(plain)
     results = samples_folder(tmp_path / "group", tasks, groups={"ai2_arc": {"acc,none": 5 / 8}})
     items = stats.harness_items(tmp_path / "group", "acc,none")
-    assert np.mean(list(items.values())) == pytest.approx(harness.score(results, "arc", spec))
+    assert np.mean(list(items.values())) == pytest.approx(harness.score(results, "arc", spec)[0])
+
+
+def test_harness_stderr_of_a_tag_follows_its_aggregation(tmp_path):
+    """lm-eval's own per-task standard errors, combined with the weights of the tag's aggregate."""
+    from lm_eval.api.metrics import aggregate_subtask_metrics
+
+    tasks = {"arc_easy": [1, 1, 0, 1, 0, 1], "arc_challenge": [0, 1]}
+    results = samples_folder(tmp_path / "arc", tasks)
+    se = {"arc_easy": 0.2, "arc_challenge": 0.5}
+    for t, r in results["results"].items():
+        r["acc_stderr,none"] = se[t]
+    (tmp_path / "arc" / "results.json").write_text(json.dumps(results))
+    # a weighted mean of independent tasks: its variance is the same weighted sum of variances (weights squared)
+    sizes = [len(v) for v in tasks.values()]
+    weights = [aggregate_subtask_metrics([1.0 if i == j else 0.0 for j in range(2)], sizes, True) for i in range(2)]
+    expected = 100 * np.sqrt(sum((w * se[t]) ** 2 for w, t in zip(weights, tasks)))
+    assert stats.harness_stderr(tmp_path / "arc", "acc,none") == pytest.approx(expected)
+    (tmp_path / "arc" / "metrics.json").write_text(json.dumps({"aggregation": "plain mean of tasks"}))
+    assert stats.harness_stderr(tmp_path / "arc", "acc,none") == pytest.approx(100 * np.sqrt(0.2**2 + 0.5**2) / 2)
 
 
 def test_a_corpus_level_metric_has_no_per_item_score(tmp_path):
