@@ -97,6 +97,9 @@ class ModelConfig:
     gguf_file: Optional[str] = None
     tokenizer: Optional[str] = None  # Hub id or folder of the tokenizer; defaults to `path`
     tokenizer_gguf_file: Optional[str] = None
+    # A chat template to use instead of the tokenizer's own (prepare.template=chat_template, and generation from the
+    # untuned model): a tokenizer folder, Hub id or .jinja file. Trained checkpoints save the template they used.
+    chat_template: Optional[str] = None
     use_fast_tokenizer: bool = True  # false = the slow (Python / SentencePiece) tokenizer, as the paper used
     init: str = "pretrained"  # pretrained | random (build from `arch` for tests and the CPU demo)
     arch: dict[str, Any] = field(default_factory=dict)  # config overrides for init=random

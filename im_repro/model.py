@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from pathlib import Path
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -18,15 +19,30 @@ def load_tokenizer(cfg):
     path, gguf = (cfg.tokenizer, cfg.tokenizer_gguf_file) if cfg.tokenizer else (cfg.path, cfg.gguf_file)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
-        if not cfg.use_fast_tokenizer:
-            return load_slow_sentencepiece(path)
-        return tokenizer_from_pretrained(path, gguf)
+        tokenizer = load_slow_sentencepiece(path) if not cfg.use_fast_tokenizer else tokenizer_from_pretrained(path, gguf)
     except OSError as e:
         raise FileNotFoundError(
             f"model={cfg.name}: cannot load the tokenizer from {path!r}"
             + (f" (gguf_file={gguf!r})" if gguf else "")
             + f": {e}. For the offline CPU models run `make setup` (it writes artifacts/)."
         ) from e
+    if cfg.chat_template:
+        tokenizer.chat_template = borrowed_chat_template(cfg.chat_template, cfg.name)
+    return tokenizer
+
+
+def borrowed_chat_template(source: str, model_name: str = "?") -> str:
+    """The chat template a base model borrows (`model.chat_template`): a .jinja file, or the template of a
+    tokenizer folder or Hub id."""
+    try:
+        if source.endswith(".jinja"):
+            return Path(source).read_text(encoding="utf-8")
+        template = AutoTokenizer.from_pretrained(source).chat_template
+    except OSError as e:
+        raise FileNotFoundError(f"model={model_name}: model.chat_template={source!r} cannot be read: {e}") from e
+    if not template:
+        raise ValueError(f"model={model_name}: model.chat_template={source!r} has no chat template to borrow")
+    return template
 
 
 def tokenizer_from_pretrained(path: str, gguf_file: str | None = None):

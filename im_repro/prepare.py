@@ -24,7 +24,7 @@ from im_repro import data, masking, model, subsets
 from im_repro.config import plain
 from im_repro.masking import SPECIAL
 from im_repro.runs import write_json
-from im_repro.templates import Span
+from im_repro.templates import Span, chat_template
 
 log = logging.getLogger(__name__)
 CLASS_NAMES = {SPECIAL: "special", Span.TEMPLATE: "template", Span.INSTRUCTION: "instruction", Span.OUTPUT: "output"}
@@ -66,6 +66,7 @@ def cache_key(examples: list[dict], tokenizer, cfg) -> str:
     settings = [
         model.tokenizer_fingerprint(tokenizer),
         plain(cfg.prepare.template),
+        tokenizer.chat_template if plain(cfg.prepare.template) == "chat_template" else None,
         plain(cfg.method.loss),
         cfg.method.prompt_loss_weight,
         cfg.train.max_seq_length,
@@ -157,6 +158,7 @@ def run(cfg, run_dir: Path) -> dict:
         "tokenization": {
             "tokenizer": tokenizer.name_or_path,
             "template": template,
+            **({"end_of_turn": chat_template(tokenizer).end_of_turn} if template == "chat_template" else {}),
             "loss": loss,
             "prompt_loss_weight": weight,
             "max_seq_length": max_len,

@@ -8,6 +8,8 @@ code under test finds it by probing the template. Every encoding is also checked
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -256,3 +258,74 @@ def test_batched_path_equals_per_example(tokenizers, name, data):
     assert [e.as_dict() for e in batched] == [
         encode(m, tok, loss="im", template="chat_template", max_seq_length=64) for m in batch
     ]
+
+
+# ----------------------------------------------------------------------------- borrowing, the pipeline, plans --
+
+
+def test_a_base_model_borrows_a_template_from_a_folder_or_a_jinja_file(tmp_path):
+    from tests.conftest import compose_with
+
+    from im_repro import model
+
+    qwen3 = ARTIFACTS / "tokenizers" / "qwen3"
+    if not qwen3.exists():
+        pytest.skip(f"{qwen3} is absent: `make setup` could not download it")
+    jinja = tmp_path / "t.jinja"
+    jinja.write_text(load("qwen3").chat_template)
+    for source in (qwen3, jinja):
+        tok = model.load_tokenizer(compose_with("model=tiny", f"model.chat_template={source}").model)
+        assert tok.chat_template == jinja.read_text() and tok.name_or_path.endswith("llama2")
+    with pytest.raises(ValueError, match="model.chat_template=.*has no chat template to borrow"):
+        model.load_tokenizer(compose_with("model=tiny", f"model.chat_template={ARTIFACTS / 'tokenizers' / 'gpt2'}").model)
+
+
+def test_the_untuned_model_is_evaluated_through_the_borrowed_template(tmp_path):
+    from tests.conftest import compose_with
+    from transformers import AutoTokenizer
+
+    from im_repro.evaluate import checkpoint
+
+    source = ARTIFACTS / "tokenizers" / "llama3_1"
+    cfg = compose_with("model=smollm2", f"model.chat_template={source}")
+    model_path, tokenizer_path = checkpoint(cfg, tmp_path)
+    assert model_path == cfg.model.path
+    assert AutoTokenizer.from_pretrained(tokenizer_path).chat_template == load("llama3_1").chat_template
+
+
+def test_prepare_writes_a_chat_template_dataset_offline(tmp_path):
+    """`im-repro stages=[prepare] model=<preset> model.path=<offline tokenizer> prepare.template=chat_template`."""
+    import datasets
+
+    from tests.test_run import im_repro
+
+    qwen2 = ARTIFACTS / "tokenizers" / "qwen2"
+    if not qwen2.exists():
+        pytest.skip(f"{qwen2} is absent: `make setup` could not download it")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (SINGLE, SYSTEM, MULTI)))
+    run_dir = tmp_path / "run"
+    proc = im_repro("stages=[prepare]", "data=lima", f"data.path={data}", "model=qwen2.5_0.5b", f"model.path={qwen2}",
+                    f"model.chat_template={qwen2}", "prepare.template=chat_template", "loss=im",
+                    f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ds = datasets.load_from_disk(str(run_dir / "prepare" / "dataset"))
+    stats = json.loads((run_dir / "prepare" / "data_stats.json").read_text())["tokenization"]
+    assert stats["template"] == "chat_template" and stats["end_of_turn"] == "<|im_end|>" and len(ds) == 3
+    tok = load("qwen2")
+    assert ds["input_ids"] == [reference_ids(tok, m) for m in (SINGLE, SYSTEM, MULTI)]
+    assert decoded_runs(tok, ds["input_ids"][1], ds["labels"][1]) == ["Be terse.", "2+2?", "4<|im_end|>"]
+
+
+def test_modern_experiment_plans_it_vs_im_on_two_presets_in_their_own_formats(tmp_path):
+    from tests.conftest import compose_with
+    from tests.test_launch import dry_run
+
+    lines = dry_run(tmp_path, "experiment=modern")
+    runs = {tuple(line.split()[0].split("__")[:3]) for line in lines[1:] if "__seed" in line}
+    models = {"llama3.1_8b", "qwen2.5_7b"}
+    assert {(m, method) for _, m, method in runs} == {(m, x) for m in models for x in ("it", "im")}
+    assert len(runs) == 28 and "28 runs" in lines[-1]
+    cfg = compose_with("experiment=modern", "model=qwen2.5_7b")
+    assert str(cfg.prepare.template.value) == "chat_template" and cfg.model.chat_template == "Qwen/Qwen2.5-7B-Instruct"
+    assert not list(tmp_path.rglob("manifest.json"))  # nothing ran

@@ -68,13 +68,18 @@ def checkpoint(cfg, run_dir: Path) -> tuple[str, str]:
         return final, final
     if "train" in cfg.stages and "train" not in cfg.skip_stages:  # the base model's numbers would pass for its own
         raise FileNotFoundError(f"{run_dir / 'train'} is not complete: this run trains, so train before evaluating")
+    from im_repro import model as model_lib
+
     tokenizer = cfg.model.tokenizer or cfg.model.path
+    if cfg.model.chat_template and cfg.model.init == "pretrained":
+        # The untuned model prompted through the template it borrows, saved so every backend loads it.
+        tokenizer = str(run_dir / "eval" / "base_tokenizer")
+        if not (Path(tokenizer) / "tokenizer_config.json").exists():
+            model_lib.load_tokenizer(cfg.model).save_pretrained(tokenizer)
     if cfg.model.init == "pretrained":
         return cfg.model.path, tokenizer
     # An untrained random model: evaluated only as a smoke test of the pipeline, saved so every backend loads it.
     from transformers import set_seed
-
-    from im_repro import model as model_lib
 
     path = run_dir / "eval" / "random_init"
     if not (path / "config.json").exists():

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import AutoModelForCausalLM, set_seed
 
+from im_repro.model import tokenizer_from_pretrained
 from im_repro.templates import render
 
 log = logging.getLogger("im_repro")
@@ -24,7 +25,7 @@ log = logging.getLogger("im_repro")
 def load_inference(model_path: str, tokenizer_path: str, dtype, gguf_file: str | None = None):
     """(model, tokenizer) for generation: eval mode, on the GPU when there is one."""
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, **kwargs)
+    tokenizer = tokenizer_from_pretrained(tokenizer_path, gguf_file)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **kwargs)
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
 
