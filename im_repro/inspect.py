@@ -2,6 +2,8 @@
 
     python -m im_repro.inspect data=lima data.path=../shared/data/paper/lima_data.jsonl model=tiny method=im --index 3
     python -m im_repro.inspect method=im_released --index 30 --html im_released.html
+    python -m im_repro.inspect data=lima data.path=... model=gemma3_1b model.path=artifacts/tokenizers/gemma3 \
+        model.chat_template=null prepare.template=chat_template method=im      (any template in artifacts/tokenizers/)
 
 Arguments after the options are the same Hydra overrides `im-repro` takes.
 """

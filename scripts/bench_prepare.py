@@ -1,6 +1,7 @@
 """How fast is masking? Ratios against the bare tokenizer and against the paper's prefix re-tokenization.
 
-    python scripts/bench_prepare.py [--limit N] [--repeats 3] [--tokenizer PATH] [--data PATH]   (make bench-prepare)
+    python scripts/bench_prepare.py [--limit N] [--repeats 3] [--tokenizer PATH] [--data PATH]
+                                    [--chat-templates qwen3,llama3_1,gemma3]   (make bench-prepare)
 
 Prints ratios, never asserts on them: wall-clock budgets break on a busy machine, ratios mostly do not.
 """
@@ -18,7 +19,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from im_repro.masking import IGNORE_INDEX, encode, encode_batch  # noqa: E402
 from im_repro.run import lima_overrides, load_data  # noqa: E402
-from im_repro.templates import render  # noqa: E402
+from im_repro.templates import ChatTemplateError, render  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LEN = 2048
@@ -33,6 +34,8 @@ Each line: best of --repeats runs, after one warm-up, max_seq_length={MAX_LEN}, 
   encode <loss>        per-example encode() (render + tokenize with offsets + mask) vs the floor: per-example
                        tokenizer(text) on the same texts, rendered before timing. ratio = ours / floor
   encode_batch <loss>  encode_batch() on batches of {BATCH} vs tokenizer(list_of_texts) on the same batches
+  chat_template <name> encode(template=chat_template, loss=im) vs apply_chat_template(tokenize=True) on the same
+                       conversations (the tokenizer's own template, artifacts/tokenizers/<name>). ratio = ours / floor
   paper IT <set>       open-instruct encode_with_messages_format (one tokenization per prefix, quadratic in
                        turns) vs our encode(loss=it). ratio = baseline / ours (speedup); label differences listed
 """
@@ -113,7 +116,12 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=str(ROOT / "artifacts/tokenizers/llama2"))
     ap.add_argument("--limit", type=int, default=None, help="use only the first N conversations")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--chat-templates", default="qwen3,llama3_1,gemma3",
+                    help="comma-separated folders under artifacts/tokenizers/ to time chat_template masking on")
     args = ap.parse_args()
+    if args.data and not Path(args.data).exists():
+        print(f"{args.data} is absent: nothing to measure")
+        return
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     convs = [x["messages"] for x in load_data(lima_overrides(args.data))][: args.limit]
@@ -142,6 +150,27 @@ def main() -> None:
         )
         report(f"encode_batch {loss}", ours, floor_batch, ours / floor_batch, "<= 1.3x", ours / floor_batch <= 1.3)
         batch_seconds[loss] = ours
+
+    for name in filter(None, args.chat_templates.split(",")):
+        folder = ROOT / "artifacts" / "tokenizers" / name
+        if not folder.exists():
+            print(f"chat_template {name}: {folder} is absent (make setup)")
+            continue
+        chat_tok = AutoTokenizer.from_pretrained(folder)
+        usable = []
+        for m in convs:
+            try:
+                render(m, chat_tok, "chat_template")
+                usable.append(m)
+            except ChatTemplateError:
+                pass  # counted below: the template renders these in a way masking refuses
+        ours, floor = best_times(
+            [lambda: [encode(m, chat_tok, loss="im", template="chat_template", max_seq_length=MAX_LEN) for m in usable],
+             lambda: [chat_tok.apply_chat_template(m, tokenize=True) for m in usable]],
+            args.repeats,
+        )
+        report(f"chat_template {name}", ours, floor, ours / floor, "<= 1.5x", ours / floor <= 1.5)
+        print(f"{'':<30} {len(usable)} conversations, {len(convs) - len(usable)} refused by masking")
 
     singles = [m for m in convs if len(m) == 2]
     sets = {"LIMA 6+ messages": [m for m in convs if len(m) >= 6]}

@@ -329,3 +329,22 @@ def test_modern_experiment_plans_it_vs_im_on_two_presets_in_their_own_formats(tm
     cfg = compose_with("experiment=modern", "model=qwen2.5_7b")
     assert str(cfg.prepare.template.value) == "chat_template" and cfg.model.chat_template == "Qwen/Qwen2.5-7B-Instruct"
     assert not list(tmp_path.rglob("manifest.json"))  # nothing ran
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen2", "qwen35", "phi3", "gemma4", "command_r"])
+def test_converted_folders_equal_the_gguf_tokenizers(tokenizers, name):
+    """make setup saves each vocab GGUF as a tokenizer folder (fast to load); both give the same ids and template."""
+    from scripts.fetch_artifacts import TEMPLATE_GGUFS
+
+    from im_repro.model import tokenizer_from_pretrained
+
+    gguf = ARTIFACTS / "vocab" / TEMPLATE_GGUFS[name][0]
+    if not gguf.exists():
+        pytest.skip(f"{gguf} is absent: `make setup` could not extract it")
+    original, folder = tokenizer_from_pretrained(str(gguf.parent), gguf.name), tokenizers(name)
+    assert original.chat_template == folder.chat_template
+    for messages in (SINGLE, MULTI):
+        assert reference_ids(original, messages) == reference_ids(folder, messages)
+    text = "Grüße, 世界! 🙂  tabs\tand\n\nnewlines <|im_end|>"
+    assert original(text)["input_ids"] == folder(text)["input_ids"]
