@@ -95,7 +95,6 @@ class ChatTemplate:
     right after the content of a final assistant turn, up to the first character that is not a special token.
     """
 
-    tokenizer: object
     source: str
     end_of_turn: str
     skeletons: dict = field(default_factory=dict)
@@ -116,14 +115,14 @@ class ChatTemplate:
                 f"the chat template of {tokenizer.name_or_path!r} closes an assistant turn with {tail!r}, which starts "
                 "with no special token: there is no end-of-turn token to supervise, so a model would not learn to stop"
             )
-        return cls(tokenizer, source, end_of_turn)
+        return cls(source, end_of_turn)
 
-    def skeleton(self, messages: list[dict]) -> list[str]:
+    def skeleton(self, messages: list[dict], tokenizer) -> list[str]:
         """[template, message index, template, ..., template] as the template lays out this conversation's roles."""
         key = tuple(tuple(sorted((k, repr(v)) for k, v in m.items() if k != "content")) for m in messages)
         if key not in self.skeletons:
             probe = [{**m, "content": _sentinel(i)} for i, m in enumerate(messages)]
-            parts = re.split("\x00(\\d+)\x00", self.tokenizer.apply_chat_template(probe, tokenize=False))
+            parts = re.split("\x00(\\d+)\x00", tokenizer.apply_chat_template(probe, tokenize=False))
             found = [int(p) for p in parts[1::2]]
             for i, m in enumerate(messages):
                 if found.count(i) != 1:
@@ -133,9 +132,9 @@ class ChatTemplate:
             self.skeletons[key] = [p if k % 2 == 0 else int(p) for k, p in enumerate(parts)]
         return self.skeletons[key]
 
-    def render(self, messages: list[dict]) -> Rendered:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
-        parts = self.skeleton(messages)
+    def render(self, messages: list[dict], tokenizer) -> Rendered:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        parts = self.skeleton(messages, tokenizer)
         pieces: list[tuple[str, Span]] = []
         pos, after_output = 0, False
         for k in range(0, len(parts), 2):
@@ -225,7 +224,7 @@ def render_chat_template(messages: list[dict], tokenizer) -> Rendered:
     """The tokenizer's own Hugging Face chat template, with the same span semantics as `render_tulu`: message
     contents are instruction/output, the end-of-turn token(s) closing an assistant turn are output, everything the
     template inserts is template text. Encoded without extra special tokens, as `apply_chat_template` does."""
-    return chat_template(tokenizer).render(messages)
+    return chat_template(tokenizer).render(messages, tokenizer)
 
 
 def render(messages: list[dict], tokenizer, template: str = "tulu") -> Rendered:
