@@ -287,14 +287,14 @@ def test_the_untuned_model_is_evaluated_through_the_borrowed_template(tmp_path):
     from im_repro.evaluate import checkpoint
 
     source = ARTIFACTS / "tokenizers" / "llama3_1"
-    cfg = compose_with("model=smollm2", f"model.chat_template={source}")
+    cfg = compose_with("model=smollm2", f"model.chat_template={source}", "method=base")
     model_path, tokenizer_path = checkpoint(cfg, tmp_path)
     assert model_path == cfg.model.path
     assert AutoTokenizer.from_pretrained(tokenizer_path).chat_template == load("llama3_1").chat_template
 
 
 def test_prepare_writes_a_chat_template_dataset_offline(tmp_path):
-    """`im-repro stages=[prepare] model=<preset> model.path=<offline tokenizer> prepare.template=chat_template`."""
+    """`im-repro stages=[prepare] model=<preset> model.path=<offline tokenizer> prepare.template=chat_template method=im`."""
     import datasets
 
     from tests.test_run import im_repro
@@ -306,7 +306,7 @@ def test_prepare_writes_a_chat_template_dataset_offline(tmp_path):
     data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (SINGLE, SYSTEM, MULTI)))
     run_dir = tmp_path / "run"
     proc = im_repro("stages=[prepare]", "data=lima", f"data.path={data}", "model=qwen2.5_0.5b", f"model.path={qwen2}",
-                    f"model.chat_template={qwen2}", "prepare.template=chat_template", "loss=im",
+                    f"model.chat_template={qwen2}", "prepare.template=chat_template", "method=im",
                     f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ds = datasets.load_from_disk(str(run_dir / "prepare" / "dataset"))
