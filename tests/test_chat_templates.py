@@ -18,6 +18,7 @@ from im_repro.masking import IGNORE_INDEX, encode, encode_batch, encode_full
 from im_repro.templates import ChatTemplateError, chat_template, render
 
 from tests.conftest import ARTIFACTS
+from tests.test_masking import SINGLE, SYSTEM  # "Name a colour." / "Blue.";  "Be terse." / "2+2?" / "4"
 
 # Where each comes from: README "Chat templates". gptoss ships no template and is tested as refused.
 EOT = {
@@ -34,12 +35,6 @@ EOT = {
 }
 TEMPLATES = sorted(EOT)
 
-SINGLE = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
-SYSTEM = [
-    {"role": "system", "content": "Be terse."},
-    {"role": "user", "content": "2+2?"},
-    {"role": "assistant", "content": "4"},
-]
 MULTI = [
     {"role": "user", "content": "Hi"},
     {"role": "assistant", "content": "Hello!"},
