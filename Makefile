@@ -43,7 +43,7 @@ demo: setup  ## the main job on a CPU-sized default: IT vs IM on SmolLM2-135M, t
 # DRY_RUN=1 prints the job plan (runs, stages, resources, GPU-hours) and runs nothing.
 LAUNCHER ?= local
 ARGS ?=
-EXPERIMENTS := table1 table2 table3 table4 table5 figure2 figure2size figure3
+EXPERIMENTS := table1 table2 table3 table4 table5 figure2 figure2size figure3 plw
 reproduce-table-7: reproduce-table-3  ## Table 7 is Table 3's KL sweep
 	@:
 reproduce-figure-8 reproduce-figure-9: reproduce-figure-3  ## Figures 8 and 9 are Figure 3's loss analyses
@@ -51,7 +51,7 @@ reproduce-figure-8 reproduce-figure-9: reproduce-figure-3  ## Figures 8 and 9 ar
 # On SLURM the sweep runs in two phases, each a job array with its own resources (conf/launch/default.yaml):
 # prepare + train on the training GPUs, then eval / loss / memorization on fewer; the report runs last.
 sweep = $(PY) -m im_repro -m experiment=$(1) $(2) $(ARGS)
-reproduce-%: setup  ## reproduce-table-1 ... reproduce-table-5, reproduce-figure-2, reproduce-figure-2-size, reproduce-figure-3
+reproduce-%: setup  ## reproduce-table-1 ... reproduce-table-5, reproduce-figure-2, reproduce-figure-2-size, reproduce-figure-3, reproduce-plw
 	$(if $(filter $(subst -,,$*),$(EXPERIMENTS)),,$(error no experiment $(subst -,,$*); have $(EXPERIMENTS)))
 ifdef DRY_RUN
 	$(call sweep,$(subst -,,$*),dry_run=true)

@@ -116,6 +116,10 @@ class MethodConfig:
     name: str = MISSING  # the label in tables and run directories: it, im, neftune, im_neftune, kl0.1, weighted0.5...
     loss: LossMode = MISSING  # which tokens carry the loss (masking.py)
     prompt_loss_weight: Optional[float] = None  # only for loss=weighted
+    # loss=weighted only: what a weighted mean divides by (train.weighted_sum): weight_sum (the weights' sum) or
+    # nonzero_tokens (the count of tokens with non-zero weight, WIT's choice); and the output tokens' weight (None: 1)
+    normalize: str = "weight_sum"
+    response_weight: Optional[float] = None
 
 
 @dataclass
@@ -354,6 +358,7 @@ class Config:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)  # the report's uncertainty (conf/stats/)
     stages: list[str] = field(default_factory=lambda: ["prepare"])
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     skip_stages: list[str] = field(default_factory=list)  # left out whatever `stages` says (method=base: no training)

@@ -127,12 +127,19 @@ def model_settings(cfg) -> dict:
     return m
 
 
+def weighting_settings(cfg) -> dict:
+    """The loss=weighted settings the train stage applies on top of prepare's weights (none for other modes, where
+    every weight is 0 or 1 and both normalisations agree)."""
+    m = plain_dict(cfg.method)
+    return {"weighting": {k: m[k] for k in ("normalize", "response_weight")}} if m["loss"] == "weighted" else {}
+
+
 def train_settings(cfg, contents: bool = True) -> dict:
     t = without(plain_dict(cfg.train), "train")
     if t["kl"]["mode"] == "none":
         t["kl"].pop("weight")  # no KL term: its weight multiplies nothing
     return {"format": FORMAT, "prepare": digest(prepare_settings(cfg, contents)), "model": model_settings(cfg),
-            "train": t, "seed": cfg.seed}
+            "train": t, "seed": cfg.seed, **weighting_settings(cfg)}
 
 
 def untrained(cfg) -> bool:

@@ -45,44 +45,61 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 # ------------------------------------------------------------------------------------------ loss pieces -------
 
 
-def shifted(batch: dict) -> dict:
-    """Per predicted position t (predicting token t+1): target, weight, class, example, and whether it is valid."""
+def shifted(batch: dict, response_weight: float | None = None) -> dict:
+    """Per predicted position t (predicting token t+1): target, weight, class, example, and whether it is valid.
+
+    `response_weight` (method.response_weight, loss=weighted only) scales the output tokens' prepared weight of 1 here
+    rather than in prepare, so runs that differ only in it share their prepared data."""
     ex = batch["example_index"]
+    weights, classes = batch["loss_weights"][:, 1:], batch["token_class"][:, 1:]
+    if response_weight is not None:
+        weights = torch.where(classes == Span.OUTPUT, weights * response_weight, weights)
     return {
         "targets": batch["input_ids"][:, 1:],
-        "weights": batch["loss_weights"][:, 1:],
-        "classes": batch["token_class"][:, 1:],
+        "weights": weights,
+        "classes": classes,
         "example": ex[:, 1:],
         # a real token predicted from a token of the same example (not padding, not across a packed boundary)
         "valid": (ex[:, 1:] >= 0) & (ex[:, 1:] == ex[:, :-1]),
     }
 
 
-def weighted_sum(values: torch.Tensor, weights: torch.Tensor, example: torch.Tensor, normalization: str):
+NORMALIZE = ("weight_sum", "nonzero_tokens")
+
+
+def weighted_sum(values: torch.Tensor, weights: torch.Tensor, example: torch.Tensor, normalization: str,
+                 normalize: str = "weight_sum"):
     """(sum of contributions, normaliser) of one micro-batch; the loss is sum / normaliser over the global batch.
 
-    per_token:   sum_t w_t v_t            / sum_t w_t
-    per_example: sum_e (sum_t w v / sum_t w over e) / number of examples with any weight
+    per_token:   sum_t w_t v_t            / sum_t d_t
+    per_example: sum_e (sum_t w v / sum_t d over e) / number of examples with any weight
+    with d_t = w_t (normalize=weight_sum) or [w_t > 0] (normalize=nonzero_tokens: WIT, arXiv 2507.07817, divides by
+    the count of tokens with non-zero weight, so a small prompt weight shrinks the prompt's share, not its mean).
+    The two agree wherever the weights are 0 or 1 (it, im, full).
     """
+    if normalize not in NORMALIZE:
+        raise ValueError(f"method.normalize must be one of {NORMALIZE}, got {normalize!r}")
+    counted = weights if normalize == "weight_sum" else (weights > 0).to(weights.dtype)
     if normalization == "per_token":
-        return (values * weights).sum(), weights.sum()
+        return (values * weights).sum(), counted.sum()
     if normalization != "per_example":
         raise ValueError(f"train.loss_normalization must be per_example or per_token, got {normalization!r}")
     idx = example.clamp(min=0).flatten()
     n = int(idx.max()) + 1 if idx.numel() else 0
     num = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, idx, (values * weights).flatten())
-    den = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, idx, weights.flatten())
+    den = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, idx, counted.flatten())
     has = den > 0
     return (num[has] / den[has]).sum(), has.sum().to(values.dtype)
 
 
-def normaliser(batch: dict, normalization: str) -> torch.Tensor:
-    s = shifted(batch)
-    return weighted_sum(torch.zeros_like(s["weights"]), s["weights"], s["example"], normalization)[1]
+def normaliser(batch: dict, normalization: str, normalize: str = "weight_sum",
+               response_weight: float | None = None) -> torch.Tensor:
+    s = shifted(batch, response_weight)
+    return weighted_sum(torch.zeros_like(s["weights"]), s["weights"], s["example"], normalization, normalize)[1]
 
 
 def forward_loss(model, batch: dict, normalization: str, kl_mode: str = "none", kl_lambda: float = 0.0,
-                 ref_model=None):
+                 ref_model=None, normalize: str = "weight_sum", response_weight: float | None = None):
     """One micro-batch: (sum of loss contributions, local normaliser, per-position CE, shifted views, outputs).
 
     The CE is taken against the true next token everywhere; the weights (0 where labels are -100) decide what
@@ -92,9 +109,9 @@ def forward_loss(model, batch: dict, normalization: str, kl_mode: str = "none", 
     model_inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch} | {"use_cache": False}
     outputs = model(**model_inputs)
     logits = outputs.logits[:, :-1].float()
-    s = shifted(batch)
+    s = shifted(batch, response_weight)
     ce = F.cross_entropy(logits.flatten(0, 1), s["targets"].flatten(), reduction="none").view_as(s["targets"])
-    total, norm = weighted_sum(ce, s["weights"], s["example"], normalization)
+    total, norm = weighted_sum(ce, s["weights"], s["example"], normalization, normalize)
     if kl_mode != "none":
         with torch.no_grad():
             ref_logits = ref_model(**model_inputs).logits[:, :-1].float()
@@ -106,7 +123,7 @@ def forward_loss(model, batch: dict, normalization: str, kl_mode: str = "none", 
             per_position = ref_ce.view_as(ce) - ce
         else:
             raise ValueError(f"train.kl.mode must be none, kl or kl_released, got {kl_mode!r}")
-        total = total + kl_lambda * weighted_sum(per_position, s["weights"], s["example"], normalization)[0]
+        total = total + kl_lambda * weighted_sum(per_position, s["weights"], s["example"], normalization, normalize)[0]
     return total, norm, ce, s, outputs
 
 
@@ -133,9 +150,11 @@ class ITTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, normalization: str, kl_mode: str = "none", kl_lambda: float = 0.0,
-                 ref_model=None, neftune_alpha: float | None = None, **kwargs):
+                 ref_model=None, neftune_alpha: float | None = None, normalize: str = "weight_sum",
+                 response_weight: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.normalization, self.kl_mode, self.kl_lambda, self.ref_model = normalization, kl_mode, kl_lambda, ref_model
+        self.normalize, self.response_weight = normalize, response_weight
         self._curves = None  # on the model's device: out ce, out n, instr ce, instr n, tokens, supervised
         self._curve_start = time.perf_counter()
         self.neftune_alpha, self._token_lengths = neftune_alpha, None
@@ -155,7 +174,7 @@ class ITTrainer(Trainer):
         return inputs
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
-        total = sum(normaliser(b, self.normalization) for b in batch_samples).to(device)
+        total = sum(normaliser(b, self.normalization, self.normalize, self.response_weight) for b in batch_samples).to(device)
         if self.args.world_size > 1:
             total = self.accelerator.gather(total).sum()
         return total
@@ -164,7 +183,8 @@ class ITTrainer(Trainer):
         if self.neftune_alpha:
             self._token_lengths = example_lengths_per_token(inputs["example_index"])
         total, local_norm, ce, s, outputs = forward_loss(
-            model, inputs, self.normalization, self.kl_mode, self.kl_lambda, self.ref_model
+            model, inputs, self.normalization, self.kl_mode, self.kl_lambda, self.ref_model, self.normalize,
+            self.response_weight,
         )
         denominator = num_items_in_batch if num_items_in_batch is not None else local_norm
         # DDP averages gradients over processes; scaling by their number makes the result a global-batch mean.
@@ -303,6 +323,16 @@ def training_arguments(cfg, out: Path, accumulation: int) -> TrainingArguments:
     )
 
 
+def check_weighting(method) -> None:
+    """method.normalize and method.response_weight act on loss=weighted's weights only."""
+    if plain(method.loss) != "weighted" and (method.normalize != "weight_sum" or method.response_weight is not None):
+        raise ValueError(f"method.normalize={method.normalize} and method.response_weight={method.response_weight} "
+                         f"are only used with loss=weighted, not loss={plain(method.loss)}")
+    if method.response_weight is not None and not method.response_weight > 0:
+        raise ValueError(f"method.response_weight must be > 0 (the output tokens carry the loss), got "
+                         f"{method.response_weight}")
+
+
 def run(cfg, run_dir: Path, resume: bool = True) -> dict:
     """Writes `<run>/train/`; returns the summary its completion marker records. `resume`: continue from the last
     checkpoint in the folder (the entrypoint allows it only for work started under the same key)."""
@@ -315,6 +345,7 @@ def run(cfg, run_dir: Path, resume: bool = True) -> dict:
     dataset = datasets.load_from_disk(str(prepared))
     if sum(dataset["num_supervised"]) == 0:
         raise ValueError(f"{prepared}: no example has a supervised token")
+    check_weighting(cfg.method)
     accumulation = gradient_accumulation(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     if cfg.train.kl.mode != "none" and cfg.train.deepspeed:
         stage = json.loads(Path(cfg.train.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
@@ -347,6 +378,8 @@ def run(cfg, run_dir: Path, resume: bool = True) -> dict:
         kl_lambda=kl.weight,
         ref_model=ref_model,
         neftune_alpha=cfg.train.neftune_alpha,
+        normalize=cfg.method.normalize,
+        response_weight=cfg.method.response_weight,
     )
     checkpoint, incomplete = last_complete_checkpoint(Path(args.output_dir)) if resume else (None, [])
     last = str(checkpoint) if checkpoint else None

@@ -39,6 +39,20 @@ def test_table1_dry_run_lists_the_papers_jobs(tmp_path):
     assert not list(tmp_path.glob("*/manifest.json"))  # nothing ran
 
 
+def test_plw_dry_run_sweeps_the_prompt_loss_weight(tmp_path):
+    lines = dry_run(tmp_path, "experiment=plw")
+    jobs = [line.split() for line in lines[1:] if "__llama2_7b__" in line]
+    runs = {tuple(j[0].split("__")[:3]) for j in jobs}
+    assert runs == {(d, "llama2_7b", f"weighted{w}") for d in ("less_mmlu_chat", "alpagasus_claude_t45_alpaca")
+                    for w in ("0.0", "0.01", "0.05", "0.1", "0.5", "1.0")}
+    assert Counter(j[1] for j in jobs) == {"prepare": 12, "train": 12, "eval": 12}
+    assert any(line.startswith("report plw") and "after the 12 runs" in line for line in lines)
+    assert not list(tmp_path.glob("*/manifest.json"))
+    # WIT's normalisation is a training setting: each weight's run under it has its own key
+    other = dry_run(tmp_path, "experiment=plw", "method.normalize=nonzero_tokens")
+    assert {line.split()[0] for line in other[1:] if "__llama2_7b__" in line}.isdisjoint(j[0] for j in jobs)
+
+
 def test_dry_run_marks_finished_stages_and_estimates_gpu_hours(tmp_path):
     from im_repro import runs
 
@@ -57,7 +71,7 @@ def test_dry_run_marks_finished_stages_and_estimates_gpu_hours(tmp_path):
     assert "report" not in launch.format_plan([plan]).split("\n")[-2]  # no report tables asked for: no report job
 
 
-@pytest.mark.parametrize("experiment", ["table1", "table2", "table3", "table4", "table5", "figure2", "figure2size", "figure3", "demo"])
+@pytest.mark.parametrize("experiment", ["table1", "table2", "table3", "table4", "table5", "figure2", "figure2size", "figure3", "plw", "demo"])
 def test_every_experiment_composes_with_a_sweep_and_a_report(experiment):
     cfg = compose_with(f"experiment={experiment}", hydra=True)
     assert cfg.experiment == experiment and cfg.hydra.sweeper.params
@@ -70,6 +84,7 @@ def test_reproduce_targets_expand_to_the_experiment_and_its_report():
         return subprocess.run(["make", "-n", *args], capture_output=True, text=True, cwd=REPO).stdout
 
     assert "-m im_repro -m experiment=table2 dry_run=true" in make("reproduce-table-2", "DRY_RUN=1")
+    assert "-m im_repro -m experiment=plw dry_run=true" in make("reproduce-plw", "DRY_RUN=1")
     out = make("reproduce-table-7", "LAUNCHER=slurm")  # Table 7 is Table 3's sweep, in a train then an eval phase
     assert "experiment=table3 hydra/launcher=slurm launch.phase=train" in out
     assert out.index("launch.phase=train") < out.index("launch.phase=eval") < out.index("report experiment=table3")

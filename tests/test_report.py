@@ -261,3 +261,85 @@ def test_unknown_names_and_no_runs_fail_loudly(tmp_path: Path):
         run_report(tmp_path, tables=["table9"])
     with pytest.raises(FileNotFoundError, match="none of the 0 runs"):
         run_report(tmp_path, tables=["table1"])
+
+
+# --- uncertainty: standard errors, paired intervals, significance marks (im_repro.stats) -------------------------
+
+CATEGORY_OF = {"mmlu": "knowledge", "xnli": "multilinguality", "arc": "commonsense", "gsm8k": "math_coding",
+               "bbh": "bbh", "truthfulqa": "safety"}
+
+
+def make_item_run(root: Path, method: str, seed: int, correct: dict[str, "np.ndarray"],
+                  weight: float | None = None) -> None:
+    """A run as the eval stage leaves it with lm-eval's per-document samples: one task per category, 0/1 acc."""
+    import numpy as np
+
+    run = root / f"lima__{MODEL}__{method}__seed{seed}"
+    loss = "weighted" if weight is not None else method
+    where = run / "eval" / "paper"
+    write(run / "manifest.json", {
+        "status": "done", "overrides": [f"method={method}", f"seed={seed}"],
+        "config": {"data": {"name": "lima", "limit": None}, "model": {"name": MODEL},
+                   "method": {"name": method, "loss": loss, "prompt_loss_weight": weight},
+                   "train": {"neftune_alpha": None, "kl": {"mode": "none"}},
+                   "eval": {"name": "paper"}, "seed": seed, "experiment": "synth"},
+        "git": {"commit": "0123456789abcdef", "dirty": False}, "packages": {},
+        "stages": {"prepare": {"status": "done"}, "train": {"status": "done"}, "eval": {"status": "done"}}})
+    metrics = {}
+    for task, right in correct.items():
+        acc = float(np.mean(right))
+        metrics[task] = 100 * acc
+        rows = [{"doc_id": i, "filter": "none", "acc": float(v)} for i, v in enumerate(right)]
+        (where / "lm_eval" / task).mkdir(parents=True)
+        (where / "lm_eval" / task / f"samples_{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        stderr = float(np.std(right, ddof=1) / np.sqrt(len(right)))  # what lm-eval's mean_stderr computes
+        write(where / "lm_eval" / task / "results.json",
+              {"results": {task: {"acc,none": acc, "acc_stderr,none": stderr}}})
+    write(where / "metrics.json", {**metrics, "missing": {}})
+    write(where / "suite.json", {"suite": "paper", "benchmarks": {
+        t: {"kind": "harness", "category": c, "metric": "acc,none", "scale": 1.0} for t, c in CATEGORY_OF.items()}})
+
+
+def test_table1_over_two_methods_and_two_seeds_carries_uncertainty(tmp_path):
+    """IT and IM, two seeds each, 300 documents per task: IM gets 15% more of the knowledge documents right (its
+    interval must exclude zero and be marked), the same documents elsewhere (difference 0, not marked)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "runs" / "synth"
+    base = {t: rng.random(300) < 0.5 for t in CATEGORY_OF}
+    for seed in (1, 2):
+        make_item_run(root, "it", seed, base)
+        lifted = base["mmlu"] | (rng.random(300) < 0.3)
+        make_item_run(root, "im", seed, base | {"mmlu": lifted})
+    out = run_report(tmp_path, tables=["table1"])
+    assert out["skipped"] == {}
+    md = (tmp_path / "out" / "table1.md").read_text()
+    it_line, im_line = table_lines(md, f"| {MODEL} | lima |")
+    se = 100 * np.std(base["mmlu"], ddof=1) / np.sqrt(300)
+    assert f"{100 * base['mmlu'].mean():.2f} ± 0.00 (n=2) [SE {se:.2f}]" in it_line
+    knowledge, multiling = im_line.split(" | ")[4:6]
+    assert re.search(r"\(\+\d+\.\d\d \[\+\d+\.\d\d, \+\d+\.\d\d\]\*\)", knowledge), knowledge
+    assert "(+0.00 [+0.00, +0.00])" in multiling
+    assert "paired 95% interval" in md and "scipy.stats.bootstrap (BCa, 10000 resamples" in md
+
+    rows = {r["method"]: r for r in read_csv(tmp_path / "out" / "table1.csv")}
+    im = rows["im"]
+    assert float(im["knowledge_delta"]) == pytest.approx(float(im["knowledge"]) - float(rows["it"]["knowledge"]))
+    assert float(im["knowledge_std"]) > 0 and im["knowledge_n"] == "2"  # the two IM seeds lifted different documents
+    assert float(im["knowledge_delta_low"]) > 0 and im["knowledge_delta_significant"] == "1"
+    assert im["multilinguality_delta_significant"] == "0" and float(rows["it"]["knowledge_se"]) == pytest.approx(se)
+    assert r"paired 95\% interval" in (tmp_path / "out" / "table1.tex").read_text()
+
+
+def test_plw_figure_draws_score_against_weight_with_the_quadratic_fit(tmp_path):
+    import numpy as np
+
+    rng, root = np.random.default_rng(1), tmp_path / "runs" / "synth"
+    for w in (0.0, 0.01, 0.05, 0.1, 0.5, 1.0):  # accuracy peaks at a small weight, as Huerta-Enochian & Ko found
+        p = 0.5 + 0.2 * w - 0.3 * w * w
+        make_item_run(root, f"weighted{w}", 1, {t: rng.random(200) < p for t in CATEGORY_OF}, weight=w)
+    out = run_report(tmp_path, figures=["plw_categories"])
+    assert out["skipped"] == {} and (tmp_path / "out" / "plw_categories.png").stat().st_size > 0
+    assert report.run(report_cfg(tmp_path, figures=["plw_categories"]),
+                      report.load_runs(tmp_path / "runs" / "synth")[:2])["skipped"] == {}  # too few weights: no fit, said

@@ -210,6 +210,47 @@ def test_per_example_normalisation_weighs_examples_equally(tiny_and_batch):
     assert norm == len(examples) and float(total / norm) == pytest.approx(sum(means) / len(means), rel=1e-6)
 
 
+@pytest.mark.parametrize("normalization", ["per_token", "per_example"])
+@pytest.mark.parametrize("normalize", ["weight_sum", "nonzero_tokens"])
+@pytest.mark.parametrize("response_weight", [None, 0.5])
+def test_weighted_loss_equals_a_float64_loop(normalization, normalize, response_weight):
+    """method=weighted's loss against the definitions written out per token in float64: a packed row of two examples
+    and a padded row, template 0, instruction 0.1, output 1 (times the response weight)."""
+    gen = torch.Generator().manual_seed(0)
+    example = torch.tensor([[0] * 5 + [1] * 7, [2] * 8 + [-1] * 4])
+    classes = torch.randint(0, 3, example.shape, generator=gen)
+    classes[:, 0] = classes[0, 5] = classes[1, 8:] = -1  # each example's BOS, and padding: weight 0 (SPECIAL)
+    prepared = torch.tensor([0.0, 0.0, 0.1, 1.0])[classes + 1]
+    batch = {"input_ids": torch.zeros_like(example), "loss_weights": prepared, "token_class": classes,
+             "example_index": example}
+    values = torch.rand(2, 11, generator=gen)  # a per-position loss
+    s = train.shifted(batch, response_weight)
+    total, norm = train.weighted_sum(values, s["weights"], s["example"], normalization, normalize)
+
+    num, den = {}, {}  # per example: sum of w v, and of what the mean divides by
+    for r in range(2):
+        for t in range(1, 12):
+            w = float(prepared[r, t]) * (response_weight or 1.0 if int(classes[r, t]) == Span.OUTPUT else 1.0)
+            e = int(example[r, t])
+            num[e] = num.get(e, 0.0) + w * float(values[r, t - 1])
+            den[e] = den.get(e, 0.0) + (w if normalize == "weight_sum" else float(w > 0))
+    if normalization == "per_token":
+        expected = sum(num.values()) / sum(den.values())
+    else:
+        means = [num[e] / den[e] for e in num if e >= 0 and den[e] > 0]
+        expected = sum(means) / len(means)
+    assert float(total / norm) == pytest.approx(expected, rel=1e-6)
+    assert float(train.normaliser(batch, normalization, normalize, response_weight)) == pytest.approx(float(norm))
+
+
+def test_weighting_knobs_are_refused_outside_loss_weighted():
+    method = compose_with("method=im", "method.normalize=nonzero_tokens").method
+    with pytest.raises(ValueError, match="only used with loss=weighted, not loss=im"):
+        train.check_weighting(method)
+    with pytest.raises(ValueError, match="response_weight must be > 0"):
+        train.check_weighting(compose_with("method=weighted", "method.response_weight=0").method)
+
+
 def test_kl_released_at_lambda_one_has_zero_gradient(tiny_and_batch):
     """PAPER.md §5.2: CE + (log p - log p_ref) cancels the CE's gradient exactly."""
     model, examples = tiny_and_batch

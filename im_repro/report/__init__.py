@@ -24,6 +24,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from im_repro.config import StatsConfig
 from im_repro.report.collect import Run, identity, load_runs, wanted
 from im_repro.report.figures import FIGURE_FILES, FIGURES, figure2_points, write_figure
 from im_repro.report.render import TABLE_FILES, write_table
@@ -64,7 +65,8 @@ def run(cfg, runs: list[Run]) -> dict:
               "output_dir": str(out),
               "runs": [{"path": str(r.path), "status": r.invocation.get("status"), **identity(r)} for r in runs],
               "written": {}, "skipped": {}}
-    jobs = [(name, TABLE_FILES, partial(write_table, name, TABLES[name])) for name in rc.tables]
+    settings = StatsConfig(**cfg.stats) if "stats" in cfg else StatsConfig()
+    jobs = [(name, TABLE_FILES, partial(write_table, name, TABLES[name], settings)) for name in rc.tables]
     jobs += [(name, FIGURE_FILES, partial(write_figure, name)) for name in rc.figures]
     for name, suffixes, write in jobs:
         result = write(runs, rc.label, rc.baseline, out)

@@ -10,9 +10,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from im_repro import paper
-from im_repro.report.collect import Run, identity, number
-from im_repro.report.tables import AE1, KEYS, TABLES, Column, TableSpec, build, eval_cells, order, paper_row, stats_cells
+from im_repro import paper, stats
+from im_repro.config import StatsConfig
+from im_repro.report.collect import Run, dig, identity, number
+from im_repro.report.tables import (AE1, EVAL_COLUMNS, KEYS, TABLES, Column, Items, TableSpec, build, eval_cells,
+                                    eval_items, order, paper_row, stats_cells)
 from im_repro.runs import read_jsonl
 
 FIGURE_FILES = (".png", ".pdf")
@@ -163,7 +165,47 @@ def figure2(runs: Sequence[Run], baseline: str, panel: str, x: str, xlabel: str)
     return fig
 
 
+def plw_categories(runs: Sequence[Run], baseline: str, settings: StatsConfig = StatsConfig()):
+    """Score vs prompt-loss weight (method=weighted runs), one panel per Table 1 column and one series per dataset:
+    each run a point with its 95% interval (1.96 standard errors), and the quadratic fit of Huerta-Enochian & Ko with
+    its coefficients' intervals in the legend (or why it could not be fitted)."""
+    import numpy as np
+
+    weighted = [r for r in runs if dig(r.config, "method.loss") == "weighted"]
+    points: dict[tuple[str, str], list[tuple[float, float, float | None]]] = {}
+    for run in weighted:
+        cells, found = eval_cells(run), eval_items(run, settings)
+        for column in EVAL_COLUMNS:
+            if cells[column].value is not None:
+                se = found.get(column)
+                points.setdefault((column, identity(run)["dataset"]), []).append(
+                    (float(dig(run.config, "method.prompt_loss_weight")), cells[column].value,
+                     se.stderr if isinstance(se, Items) else None))
+    if not points:
+        return f"no method=weighted run has an evaluated score (of {len(weighted)} weighted runs)"
+    columns = [c for c in EVAL_COLUMNS if any(k[0] == c for k in points)]
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 4), squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        for i, ((col, dataset), pts) in enumerate(sorted((k, v) for k, v in points.items() if k[0] == column)):
+            w, y, se = (np.array([p[j] for p in pts], dtype=float) for j in range(3))
+            ax.errorbar(w, y, yerr=np.where(np.isnan(se), 0, 1.96 * se), fmt="o", color=f"C{i}", capsize=3)
+            try:
+                fit = stats.quadratic_fit(w, y)
+            except ValueError as e:
+                ax.plot([], [], "o", color=f"C{i}", label=f"{dataset}: no fit ({e})")
+                continue
+            (a, b, c), ((al, ah), (bl, bh), _) = fit.coefficients, fit.intervals
+            grid = np.linspace(w.min(), w.max(), 100)
+            ax.plot(grid, fit(grid), "-", color=f"C{i}",
+                    label=f"{dataset}: a={a:.3g} [{al:.3g}, {ah:.3g}], b={b:.3g} [{bl:.3g}, {bh:.3g}], c={c:.3g}")
+        ax.set(title=column, xlabel="prompt-loss weight", ylabel="score")
+        ax.legend(fontsize=6)
+    return fig
+
+
 FIGURES: dict[str, Callable[[Sequence[Run], str], Any]] = {
+    "plw_categories": plw_categories,
     "curves": curves,
     "loss_histograms": loss_histograms,
     "figure2_ratio": partial(figure2, panel="left", x="instruction_per_output",

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from im_repro import paper
+from im_repro import paper, stats
+from im_repro.config import StatsConfig
 from im_repro.report.collect import Run, identity, number, one_line
 from im_repro.report.tables import Row, TableSpec, build, why_empty
 from im_repro.runs import git_state, now
@@ -64,9 +65,11 @@ class Document:
     body: list[list[str]]
     notes: list[str]
     provenance: list[str]
+    method: str = ""  # how the uncertainty was computed (stats.method_note), printed under the table
 
 
-def document(spec: TableSpec, rows: Sequence[Row], label: str, baseline: str, prov: list[str]) -> Document:
+def document(spec: TableSpec, rows: Sequence[Row], label: str, baseline: str, prov: list[str],
+             settings: StatsConfig = StatsConfig()) -> Document:
     notes: list[str] = []
 
     def note(text: str) -> str:
@@ -92,15 +95,32 @@ def document(spec: TableSpec, rows: Sequence[Row], label: str, baseline: str, pr
             if cell.value is None:
                 cells.append(f"n/a {marks[cell.why]}")
             else:
-                delta = row.delta.get(c.name)
                 spread = f" ± {cell.std:.{c.digits}f} (n={cell.n})" if cell.n > 1 else ""
-                cells.append(f"{cell.value:.{c.digits}f}{spread}"
-                             + (f" ({delta:+.{c.digits}f})" if delta is not None else ""))
+                se = f" [SE {row.stderr[c.name]:.{c.digits}f}]" if c.name in row.stderr else ""
+                cells.append(f"{cell.value:.{c.digits}f}{spread}{se}" + difference(row, c.name, c.digits))
         body.append([*(show(row.keys[k]) for k in spec.keys), source, *cells])
         if spec.paper:
             body.append(["" for _ in spec.keys] + paper_line(spec, row, note))
+    no_stats: dict[str, list[str]] = {}  # one note per reason, after the cells' own
+    for row in rows:
+        for why in dict.fromkeys(row.no_stats.values()):
+            columns = [c for c, w in row.no_stats.items() if w == why]
+            no_stats.setdefault(why, []).append(f"{row_label(row.keys)} ({', '.join(columns)})")
+    for why, where in no_stats.items():
+        note(f"no standard error or paired interval for {'; '.join(where)}: {why}")
     return Document(spec.title, label, legend(spec, baseline), [*spec.keys, "", *(c.header for c in spec.columns)],
-                    body, notes, prov)
+                    body, notes, prov, stats.method_note(settings) if spec.items else "")
+
+
+def difference(row: Row, column: str, digits: int) -> str:
+    """ (delta), or (delta [low, high]) with * when the paired interval excludes zero."""
+    delta = row.delta.get(column)
+    if delta is None:
+        return ""
+    d = row.interval.get(column)
+    if d is None:
+        return f" ({delta:+.{digits}f})"
+    return f" ({delta:+.{digits}f} [{d.low:+.{digits}f}, {d.high:+.{digits}f}]{'*' if d.excludes_zero else ''})"
 
 
 def paper_line(spec: TableSpec, row: Row, note: Callable[[str], str]) -> list[str]:
@@ -133,6 +153,7 @@ def markdown(doc: Document) -> str:
     lines = [f"# {doc.title}", "", *([f"**{doc.label}**", ""] if doc.label else []), doc.legend, "",
              "| " + " | ".join(doc.header) + " |", "|" + "---|" * len(doc.header),
              *("| " + " | ".join(cells) + " |" for cells in doc.body),
+             *(["", doc.method] if doc.method else []),
              "", "## Notes", "", *([f"{i}. {text}" for i, text in enumerate(doc.notes, 1)] or ["None."]),
              "", "## Provenance", "", *(f"- {line}" for line in doc.provenance)]
     return "\n".join(lines) + "\n"
@@ -155,6 +176,7 @@ def latex(doc: Document) -> str:
              *(" & ".join(map(tex, cells)) + r" \\" for cells in doc.body),
              r"\hline", r"\end{tabular}", "",
              r"\smallskip", tex(doc.legend) + r"\\",
+             *([tex(doc.method) + r"\\"] if doc.method else []),
              *(rf"[{i}] {tex(text)}\\" for i, text in enumerate(doc.notes, 1)),
              r"\end{table}"]
     return "\n".join(lines) + "\n"
@@ -165,7 +187,8 @@ def csv_text(spec: TableSpec, rows: Sequence[Row], prov: list[str]) -> str:
     def fmt(value: float | None) -> str:
         return "" if value is None else repr(round(value, 6))
 
-    suffixes = ("", "_std", "_n", "_delta", "_paper", "_vs_paper") if spec.paper else ("", "_std", "_n", "_delta")
+    suffixes = ("", "_std", "_n", "_se", "_delta", "_delta_low", "_delta_high", "_delta_significant")
+    suffixes += ("_paper", "_vs_paper") if spec.paper else ()
     header = [*spec.keys, *(c.name + s for c in spec.columns for s in suffixes), "runs", "missing"]
     buffer = io.StringIO()
     buffer.write("".join(f"# {line}\n" for line in prov))
@@ -177,7 +200,9 @@ def csv_text(spec: TableSpec, rows: Sequence[Row], prov: list[str]) -> str:
             ours = row.cells[c.name].value
             theirs = number(row.paper.get(c.name)) if row.paper else None
             cell = row.cells[c.name]
-            mine = [ours, cell.std, cell.n if ours is not None else None, row.delta.get(c.name)]
+            d = row.interval.get(c.name)
+            mine = [ours, cell.std, cell.n if ours is not None else None, row.stderr.get(c.name),
+                    row.delta.get(c.name), *((d.low, d.high, int(d.excludes_zero)) if d else (None, None, None))]
             if spec.paper:
                 mine += [theirs, ours - theirs if None not in (ours, theirs) else None]
             values += [fmt(v) for v in mine]
@@ -187,15 +212,15 @@ def csv_text(spec: TableSpec, rows: Sequence[Row], prov: list[str]) -> str:
     return buffer.getvalue()
 
 
-def write_table(name: str, spec: TableSpec, runs: Sequence[Run], label: str, baseline: str,
+def write_table(name: str, spec: TableSpec, settings: StatsConfig, runs: Sequence[Run], label: str, baseline: str,
                 out: Path) -> list[str] | str:
     """The table's files, or why it was not written."""
-    rows = build(spec, runs, baseline)
+    rows = build(spec, runs, baseline, settings)
     why = why_empty(spec, rows)
     if why:
         return why
     prov = provenance(rows, label, spec.paper)
-    doc = document(spec, rows, label, baseline, prov)
+    doc = document(spec, rows, label, baseline, prov, settings)
     texts = {".md": markdown(doc), ".csv": csv_text(spec, rows, prov), ".tex": latex(doc)}
     for suffix, text in texts.items():
         (out / f"{name}{suffix}").write_text(text, encoding="utf-8")

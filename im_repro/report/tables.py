@@ -11,7 +11,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from im_repro import paper
+from im_repro import paper, stats
+from im_repro.config import StatsConfig
 from im_repro.report.collect import Run, dig, identity, number, one_line, read_json
 
 METHOD_ORDER = ("base", "chat", "it", "neftune", "kl", "im", "im_neftune")
@@ -70,21 +71,31 @@ def metric_cell(metrics: Mapping, suite: Mapping, benchmark: str, key: str) -> C
     return Cell(why=f"no {key} in eval/metrics.json")
 
 
+def category_keys(suite: Mapping, category: str) -> dict[str, str]:
+    """The category's benchmarks, each with its key in metrics.json."""
+    return {b: "humaneval/pass@1" if b == "humaneval" else b
+            for b, spec in suite.get("benchmarks", {}).items() if spec.get("category") == category}
+
+
 def category_cell(metrics: Mapping, suite: Mapping, category: str) -> Cell:
     """The plain mean of the category's benchmarks, as the released code; TER arrives already scaled by eval."""
-    names = [b for b, spec in suite.get("benchmarks", {}).items() if spec.get("category") == category]
+    names = category_keys(suite, category)
     if not names:
         return Cell(why=f"eval suite {suite.get('suite')!r} has no {category} benchmark")
-    cells = {b: metric_cell(metrics, suite, b, "humaneval/pass@1" if b == "humaneval" else b) for b in names}
+    cells = {b: metric_cell(metrics, suite, b, key) for b, key in names.items()}
     absent = [f"{b}: {c.why}" for b, c in cells.items() if c.value is None]
     if absent:
         return Cell(why="; ".join(absent))
     return Cell(sum(c.value for c in cells.values()) / len(cells))
 
 
+def eval_dir(run: Run):
+    return run.path / "eval" / str(dig(run.config, "eval.name"))  # results are stored per suite
+
+
 def eval_cells(run: Run) -> dict[str, Cell]:
     """Table 1's columns from the run's suite's metrics.json and suite.json (which benchmark is in which category)."""
-    where = run.path / "eval" / str(dig(run.config, "eval.name"))  # results are stored per suite
+    where = eval_dir(run)
     metrics = read_json(where / "metrics.json")
     suite = read_json(where / "suite.json")
     if metrics is None or suite is None:
@@ -95,6 +106,54 @@ def eval_cells(run: Run) -> dict[str, Cell]:
     cells["mean"] = (Cell(why=f"needs all six categories; no {', '.join(absent)}") if absent
                      else Cell(paper.table1_mean({k: c.value for k, c in cells.items()})))
     return cells | {column: metric_cell(metrics, suite, *where) for column, where in JUDGED.items()}
+
+
+@dataclass(frozen=True)
+class Items:
+    """A column's per-item scores in one run (or averaged over a row's seeds), per metrics.json key, and its
+    standard error (a category: that of the plain mean of independent benchmarks)."""
+
+    scores: dict[str, stats.Items]
+    stderr: float
+
+
+def eval_items(run: Run, settings: StatsConfig) -> dict[str, Items | str]:
+    """Per eval column, the per-item scores and standard error behind it, or why there are none. The Mean column has
+    none: it is a mean of category means, which no per-item resampling here reproduces."""
+    where = eval_dir(run)
+    suite = read_json(where / "suite.json")
+    if suite is None:
+        return {}
+    columns = {c: category_keys(suite, c) for c in paper.TABLE1_CATEGORIES}
+    columns |= {column: {benchmark: key} for column, (benchmark, key) in JUDGED.items()}
+    found: dict[str, Items | str] = {}
+    for column, keys in columns.items():
+        try:
+            scores = {key: stats.cell_items(where, key) for key in keys.values()}
+            errors = [stats.cell_stderr(where, key, settings) for key in keys.values()]
+        except (OSError, KeyError, ValueError) as e:
+            found[column] = f"no per-item scores: {one_line(e, 200)}"
+            continue
+        if scores:
+            found[column] = Items(scores, sum(e * e for e in errors) ** 0.5 / len(errors))
+    return found
+
+
+def merge_items(found: Sequence[Items | str]) -> Items | str:
+    """A row's items over its seeds: each item's mean over the runs that all scored it; the runs' mean stderr."""
+    whys = [f for f in found if isinstance(f, str)]
+    if whys:
+        return whys[0]
+    scores = {}
+    for key in found[0].scores:
+        common = set.intersection(*(set(f.scores.get(key, {})) for f in found))
+        scores[key] = {i: sum(f.scores[key][i] for f in found) / len(found) for i in common}
+    return Items(scores, sum(f.stderr for f in found) / len(found))
+
+
+def paired(row: Items, ref: Items, settings: StatsConfig) -> stats.Difference:
+    return stats.mean_paired_difference([(row.scores[k], ref.scores[k]) for k in row.scores if k in ref.scores],
+                                        settings)
 
 
 def stats_cells(run: Run) -> dict[str, Cell]:
@@ -142,6 +201,7 @@ class TableSpec:
     reference: Callable[[str], dict[str, Any]] | None = None
     select: Callable[[Mapping, str], bool] = every_run  # (identity, baseline) -> does the run belong here
     selects: str = "every run"  # `select` in words, for the reason a table is skipped
+    items: Callable[[Run, StatsConfig], dict[str, Items | str]] | None = None  # per-item scores behind the columns
 
 
 @dataclass(frozen=True)
@@ -151,6 +211,9 @@ class Row:
     cells: dict[str, Cell]
     delta: dict[str, float]  # against the reference row, where both have a value
     paper: dict[str, Any] | None  # the paper's row; None where it has none
+    stderr: dict[str, float] = field(default_factory=dict)  # per column, where per-item scores were found
+    interval: dict[str, stats.Difference] = field(default_factory=dict)  # of the delta, paired over the same items
+    no_stats: dict[str, str] = field(default_factory=dict)  # per column, why it has no stderr or interval
 
 
 def by_baseline(baseline: str) -> dict[str, Any]:
@@ -165,7 +228,7 @@ TABLES: dict[str, TableSpec] = {
         (Column("knowledge", "Know."), Column("multilinguality", "Multiling."), Column("commonsense", "Commons."),
          Column("math_coding", "Math&Code"), Column("bbh", "BBH"), Column("safety", "Safety"), MEAN,
          Column("mt_bench", "MT-Bench"), AE1, AE2),
-        eval_cells, paper="table1", reference=by_baseline),
+        eval_cells, paper="table1", reference=by_baseline, items=eval_items),
     "table2": TableSpec(
         "Table 2: BLEU of greedy generations from the training instructions against the training outputs", KEYS,
         (Column("bleu", "BLEU (mean sentence)"), Column("corpus_bleu", "BLEU (corpus)")),
@@ -174,12 +237,13 @@ TABLES: dict[str, TableSpec] = {
         "Table 3: KL regularisation towards the base model (Mean %, AlpacaEval %)",
         ("model", "dataset", "method", "kl_mode", "kl_lambda"), (MEAN, AE2, AE1),
         eval_cells, paper="table3", reference=lambda b: {"method": b, "kl_mode": None, "kl_lambda": None},
+        items=eval_items,
         select=lambda ident, b: ident["kl_mode"] is not None or ident["method"] in (b, "im"),
         selects="runs with train.kl.mode set, and the baseline method's and IM's runs"),
     "table4": TableSpec(
         "Table 4: IM with and without NEFTune (AlpacaEval 1.0 %, Mean %)",
         ("model", "dataset", "method", "neftune_alpha"), (AE1, MEAN),
-        eval_cells, paper="table4", reference=lambda b: {"method": "im", "neftune_alpha": None},
+        eval_cells, paper="table4", reference=lambda b: {"method": "im", "neftune_alpha": None}, items=eval_items,
         select=lambda ident, b: ident["method"] in ("im", "im_neftune"), selects="im and im_neftune runs"),
     "table5": TableSpec(
         "Table 5: training-set statistics (lengths in words per example; ratios of the mean lengths)",
@@ -228,16 +292,20 @@ def paper_row(spec: TableSpec, table: paper.PaperTable | None, keys: Mapping[str
         return None
 
 
-def build(spec: TableSpec, runs: Sequence[Run], baseline: str) -> list[Row]:
+def build(spec: TableSpec, runs: Sequence[Run], baseline: str, settings: StatsConfig = StatsConfig()) -> list[Row]:
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         ident = identity(run)
         if spec.select(ident, baseline):
             groups.setdefault(tuple(ident[k] for k in spec.keys), []).append(run)
-    cells = {}
+    cells, items = {}, {}
     for key, members in groups.items():
         measured = [spec.measure(run) for run in members]
         cells[key] = {c.name: merge([m[c.name] for m in measured], members) for c in spec.columns}
+        if spec.items:
+            found = [spec.items(run, settings) for run in members]
+            items[key] = {c.name: merge_items([f.get(c.name, "no per-item scores") for f in found])
+                          for c in spec.columns if all(c.name in f for f in found)}
     table = paper.load(spec.paper) if spec.paper else None
     rows = []
     for key in sorted(groups, key=lambda k: order(dict(zip(spec.keys, k)))):
@@ -247,7 +315,19 @@ def build(spec: TableSpec, runs: Sequence[Run], baseline: str) -> list[Row]:
         if ref != key and ref in cells:
             delta = {c: cell.value - cells[ref][c].value for c, cell in cells[key].items()
                      if cell.value is not None and cells[ref][c].value is not None}
-        rows.append(Row(keys, tuple(groups[key]), cells[key], delta, paper_row(spec, table, keys)))
+        mine = items.get(key, {})
+        stderr = {c: i.stderr for c, i in mine.items() if not isinstance(i, str) and cells[key][c].value is not None}
+        no_stats = {c: i for c, i in mine.items() if isinstance(i, str) and cells[key][c].value is not None}
+        interval = {}
+        for c in delta:
+            theirs = items.get(ref, {}).get(c)
+            if isinstance(mine.get(c), Items) and isinstance(theirs, Items):
+                try:
+                    interval[c] = paired(mine[c], theirs, settings)
+                except ValueError as e:  # fewer than 2 items both rows scored
+                    no_stats[c] = one_line(e)
+        rows.append(Row(keys, tuple(groups[key]), cells[key], delta, paper_row(spec, table, keys), stderr, interval,
+                        no_stats))
     return rows
 
 
