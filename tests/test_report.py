@@ -290,10 +290,10 @@ def make_item_run(root: Path, method: str, seed: int, correct: dict[str, "np.nda
         acc = float(np.mean(right))
         metrics[task] = 100 * acc
         rows = [{"doc_id": i, "filter": "none", "acc": float(v)} for i, v in enumerate(right)]
-        (where / "lm_eval" / task).mkdir(parents=True)
-        (where / "lm_eval" / task / f"samples_{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (where / task).mkdir(parents=True)
+        (where / task / f"samples_{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         stderr = float(np.std(right, ddof=1) / np.sqrt(len(right)))  # what lm-eval's mean_stderr computes
-        write(where / "lm_eval" / task / "results.json",
+        write(where / task / "results.json",
               {"results": {task: {"acc,none": acc, "acc_stderr,none": stderr}}})
     write(where / "metrics.json", {**metrics, "missing": {}})
     write(where / "suite.json", {"suite": "paper", "benchmarks": {
