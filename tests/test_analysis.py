@@ -241,7 +241,7 @@ def test_memorization_stage_generates_greedily_resumes_and_skips(tmp_path, llama
     assert 0 <= summary["mean_sentence_bleu"] < 100
 
     # a killed job: the last answer lost, no marker; the same command generates that one answer only
-    (out / "_COMPLETE").unlink()
+    (out / "_COMPLETE").rename(out / "_STARTED")  # what begin() left, with the key the work was started under
     (out / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
     fake = FakeGenerator(llama2, copy=True)
     analysis.run_memorization(cfg, tmp_path, generator=fake)

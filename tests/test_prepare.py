@@ -46,7 +46,7 @@ def stats_of(run_dir) -> dict:
 
 @pytest.mark.parametrize("loss", ["it", "im", "im_released", "full", "weighted"])
 def test_output_less_examples_are_dropped_in_every_mode(tmp_path, files, loss):
-    extra = ("loss.prompt_loss_weight=0.5",) if loss == "weighted" else ()
+    extra = ("method.prompt_loss_weight=0.5",) if loss == "weighted" else ()
     ds, stats = prepared(tmp_path, files["mixed"], f"method={loss}", *extra)
     tok = stats["tokenization"]
     assert sorted(ds["id"]) == ["0", "1", "2"]
