@@ -21,6 +21,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from im_repro import data
 from im_repro.config import plain
 
 FORMAT = 1  # bump when a stage's outputs change meaning: every older key then differs and is refused
@@ -66,11 +67,7 @@ def without(settings: dict, group: str) -> dict:
 
 @lru_cache(maxsize=64)
 def file_sha256(path: str, mtime_ns: int) -> str:  # mtime in the cache key: an edited file is hashed again
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return data.file_sha256(path)
 
 
 def content(path: str | None) -> str | None:
