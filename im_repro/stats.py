@@ -83,7 +83,7 @@ def harness_stderr(folder: Path, metric: str, scale: float = 1.0) -> float:
     members = {t: r.get(key) for t, r in results["results"].items() if metric in r}
     if not members or not all(isinstance(s, (int, float)) for s in members.values()):
         raise KeyError(f"{folder}/results.json: no numeric {key!r} for every task reporting {metric!r}")
-    if _plain_tag(folder):
+    if len(members) == 1 or _plain_tag(folder):
         weights = {t: 1 / len(members) for t in members}
     else:
         sizes = {t: results["n-samples"][t]["effective"] for t in members}
