@@ -83,18 +83,25 @@ def run(cfg, runs: list[Run]) -> dict:
     return report
 
 
-@hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
-    hc = HydraConfig.get()
-    overrides = [o for o in hc.overrides.task if not o.startswith("report.")]  # what the runs were made with
-    run(cfg, wanted(Path(cfg.runs_dir), dict(hc.sweeper.params or {}), overrides))
-
-
 def main() -> None:
     import im_repro.run  # noqa: F401  (the schema and resolvers; imported here so importing this module stays light)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     # Hydra's default run directory is a run's own folder, whose .hydra/ would be overwritten: keep the report's
     # Hydra files beside its output unless the command line says otherwise.
     if not any(arg.startswith("hydra.run.dir=") for arg in sys.argv[1:]):
         sys.argv.append("hydra.run.dir=${report.output_dir}/.hydra_report")
-    _hydra_main()
+    # The multirun's own comma lists (`make reproduce-plw ARGS="seed=1,2,3"` passes them here too) name the runs to
+    # report; Hydra refuses them outside a multirun, so they go to `wanted` past its composition.
+    parser = OverridesParser.create()
+    swept = [arg for arg in sys.argv[1:] if "=" in arg and not arg.startswith("-")
+             and (o := parser.parse_override(arg)).is_sweep_override() and not o.is_hydra_override()]
+    sys.argv = [arg for arg in sys.argv if arg not in swept]
+
+    @hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="config")
+    def report_main(cfg: DictConfig) -> None:
+        hc = HydraConfig.get()
+        overrides = [o for o in hc.overrides.task if not o.startswith("report.")]  # what the runs were made with
+        run(cfg, wanted(Path(cfg.runs_dir), dict(hc.sweeper.params or {}), overrides + swept))
+
+    report_main()
