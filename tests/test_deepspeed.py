@@ -62,8 +62,9 @@ def run(cmd: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def pipeline(run_dir: Path, *overrides: str, stages: str = "[prepare,train]") -> list[str]:
+    # 1024 tokens keep every fixture conversation whole, so no example is dropped and the 16 split evenly over ranks
     return [f"stages={stages}", "data=lima", f"data.path={CONVERSATIONS}", "data.limit=16", "model=tiny", "method=im",
-            "train=smoke", "train.max_steps=2", f"hydra.run.dir={run_dir}", *overrides]
+            "train=smoke", "train.max_seq_length=1024", "train.max_steps=2", f"hydra.run.dir={run_dir}", *overrides]
 
 
 def im_repro(run_dir: Path, *overrides: str, env: dict, stages: str = "[prepare,train]"):
