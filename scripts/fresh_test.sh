@@ -16,6 +16,7 @@ targets=("${@:-test}")
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/im-repro-fresh.XXXXXX")
 trap 'rm -rf "$work"' EXIT
+chmod 755 "$work"  # the PATH built below must resolve for the sandbox tests' throwaway uids too
 git clone -q "$repo" "$work/im-repro"
 echo "fresh clone of $(git -C "$work/im-repro" rev-parse --short HEAD) in $work/im-repro"
 if [ "$shared" = yes ] && [ -d "$repo/../shared" ]; then
