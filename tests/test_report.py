@@ -343,3 +343,18 @@ def test_plw_figure_draws_score_against_weight_with_the_quadratic_fit(tmp_path):
     assert out["skipped"] == {} and (tmp_path / "out" / "plw_categories.png").stat().st_size > 0
     assert report.run(report_cfg(tmp_path, figures=["plw_categories"]),
                       report.load_runs(tmp_path / "runs" / "synth")[:2])["skipped"] == {}  # too few weights: no fit, said
+
+
+def test_an_interval_over_fewer_items_than_the_cells_is_shown_with_its_own_difference():
+    """Seen in the CPU demo: IM's AlpacaEval lacked one judge annotation, so the cells' difference (-3.40) and the
+    paired interval over the 11 matched items ([-0.77, +0.20]) disagreed when printed together."""
+    from types import SimpleNamespace
+
+    from im_repro.report.render import difference
+    from im_repro.stats import Difference
+
+    d = Difference(difference=-0.19, low=-0.77, high=0.20, n=11, unmatched=1, confidence=0.95)
+    row = SimpleNamespace(delta={"ae2": -3.40}, interval={"ae2": d})
+    assert difference(row, "ae2", 2) == " (-3.40; over 11 matched items -0.19 [-0.77, +0.20], 1 unmatched)"
+    row.interval["ae2"] = Difference(difference=-3.40, low=-5.0, high=-1.0, n=12, unmatched=0, confidence=0.95)
+    assert difference(row, "ae2", 2) == " (-3.40 [-5.00, -1.00]*)"

@@ -120,7 +120,11 @@ def difference(row: Row, column: str, digits: int) -> str:
     d = row.interval.get(column)
     if d is None:
         return f" ({delta:+.{digits}f})"
-    return f" ({delta:+.{digits}f} [{d.low:+.{digits}f}, {d.high:+.{digits}f}]{'*' if d.excludes_zero else ''})"
+    interval = f"[{d.low:+.{digits}f}, {d.high:+.{digits}f}]{'*' if d.excludes_zero else ''}"
+    if d.unmatched:  # the rows scored different items: the interval belongs to the matched items' own difference
+        matched = f"over {d.n} matched items {d.difference:+.{digits}f} {interval}, {d.unmatched} unmatched"
+        return f" ({delta:+.{digits}f}; {matched})"
+    return f" ({delta:+.{digits}f} {interval})"
 
 
 def paper_line(spec: TableSpec, row: Row, note: Callable[[str], str]) -> list[str]:
