@@ -121,7 +121,7 @@ def run(cfg, run_dir: Path, todo: list[str]) -> dict[str, dict]:
     names = [n for n in todo if chosen[n]["kind"] == "harness"]
     if names:
         lm = harness.load_lm(cfg, model_path, tokenizer_path)
-        values = harness.run(cfg, lm, names, out, force=False)
+        values = harness.run(cfg, lm, names, out)
         found |= {n: {n: values[n]} for n in names if n in values}
 
     if int(os.environ.get("RANK", 0)) != 0:  # generation runs in one process; lm-eval alone is data-parallel

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-from im_repro.runs import StageOutput, write_json
+from im_repro.runs import write_json
 
 log = logging.getLogger("im_repro")
 SPLITS = {"train": "training_split", "validation": "validation_split", "test": "test_split"}
@@ -149,8 +149,9 @@ def seeds(cfg) -> dict[str, int | None]:
             for key, value in OmegaConf.to_container(OmegaConf.structured(cfg.eval.harness.seeds)).items()}
 
 
-def run(cfg, lm, names: list[str], out_dir: Path, *, force: bool) -> dict[str, float]:
-    """Evaluate each named benchmark into `out_dir/<name>/`; returns {"<name>": percent} for all of them."""
+def run(cfg, lm, names: list[str], out_dir: Path) -> dict[str, float]:
+    """Evaluate each named benchmark into `out_dir/<name>/`; returns {"<name>": percent} for all of them. Which
+    benchmarks need running is the entrypoint's decision (run.execute, by their keys), so every named one runs."""
     from lm_eval import simple_evaluate
     from lm_eval.utils import handle_non_serializable
 
@@ -159,33 +160,31 @@ def run(cfg, lm, names: list[str], out_dir: Path, *, force: bool) -> dict[str, f
     manager = task_manager(tasks, out_dir / "tasks")
     metrics = {}
     for name, spec in tasks.items():
-        out = StageOutput(out_dir / name)
-        if not out.complete or force:
-            out.start()
-            log.info("lm-eval: %s (%s, %s-shot)", name, spec.task, "default" if spec.num_fewshot is None else
-                     spec.num_fewshot)
-            limit = spec.limit if spec.limit is not None else h.limit
-            results = simple_evaluate(
-                model=lm, tasks=[lm_eval_name(name, spec)], num_fewshot=spec.num_fewshot, limit=limit,
-                task_manager=manager, log_samples=h.log_samples, apply_chat_template=h.apply_chat_template,
-                **seeds(cfg),
-            )
-            if results is None:  # a non-zero rank under data parallelism: rank 0 writes
-                continue
-            samples = results.pop("samples", {})  # lm-eval's CLI also writes them apart from the results
-            (out.path / "results.json").write_text(json.dumps(results, indent=2, default=handle_non_serializable))
-            for task, rows in samples.items():
-                with (out.path / f"samples_{task}.jsonl").open("w") as f:
-                    for row in rows:
-                        f.write(json.dumps(row, default=handle_non_serializable) + "\n")
-            value, aggregation = score(results, name, spec, weight_by_size=h.tag_weight_by_size)
-            write_json(out.path / "metrics.json", {
-                "benchmark": name, "task": spec.task, "metric": spec.metric, "num_fewshot": spec.num_fewshot,
-                "limit": limit, "value": value, "aggregation": aggregation, "lm_eval_version": version(),
-                "seeds": seeds(cfg),
-            })
-            out.finish({"value": value})
-        metrics[name] = json.loads((out.path / "metrics.json").read_text())["value"]
+        out = out_dir / name
+        out.mkdir(parents=True, exist_ok=True)
+        log.info("lm-eval: %s (%s, %s-shot)", name, spec.task, "default" if spec.num_fewshot is None else
+                 spec.num_fewshot)
+        limit = spec.limit if spec.limit is not None else h.limit
+        results = simple_evaluate(
+            model=lm, tasks=[lm_eval_name(name, spec)], num_fewshot=spec.num_fewshot, limit=limit,
+            task_manager=manager, log_samples=h.log_samples, apply_chat_template=h.apply_chat_template,
+            **seeds(cfg),
+        )
+        if results is None:  # a non-zero rank under data parallelism: rank 0 writes
+            continue
+        samples = results.pop("samples", {})  # lm-eval's CLI also writes them apart from the results
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+        for task, rows in samples.items():
+            with (out / f"samples_{task}.jsonl").open("w") as f:
+                for row in rows:
+                    f.write(json.dumps(row, default=handle_non_serializable) + "\n")
+        value, aggregation = score(results, name, spec, weight_by_size=h.tag_weight_by_size)
+        write_json(out / "metrics.json", {
+            "benchmark": name, "task": spec.task, "metric": spec.metric, "num_fewshot": spec.num_fewshot,
+            "limit": limit, "value": value, "aggregation": aggregation, "lm_eval_version": version(),
+            "seeds": seeds(cfg),
+        })
+        metrics[name] = value
     return metrics
 
 
