@@ -111,8 +111,8 @@ gpu-wheels:  ## download into .whl/ what a CUDA image with PyTorch lacks for gpu
 	@size=$$(du -sm .whl | cut -f1); echo ".whl/: $$(ls .whl/*.whl | wc -l) wheels, $$size MiB"; test $$size -lt 60
 
 inspect-demo: setup  ## show which tokens of a LIMA example carry the loss under IT and IM
-	$(PY) -m im_repro.inspect data=lima $(DATA_PATH) method=it --index 30
-	$(PY) -m im_repro.inspect data=lima $(DATA_PATH) method=im --index 30
+	$(PY) -m im_repro.show_tokens data=lima $(DATA_PATH) method=it --index 30
+	$(PY) -m im_repro.show_tokens data=lima $(DATA_PATH) method=im --index 30
 
 clean:  ## remove the virtual environment, artifacts and runs
 	rm -rf $(VENV) artifacts runs

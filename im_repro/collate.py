@@ -41,7 +41,6 @@ class Collator:
         batch = {
             "input_ids": torch.full((rows, width), self.pad_token_id, dtype=torch.long),
             "attention_mask": torch.zeros((rows, width), dtype=torch.long),
-            "labels": torch.full((rows, width), IGNORE_INDEX, dtype=torch.long),
             "loss_weights": torch.zeros((rows, width), dtype=torch.float32),
             "token_class": torch.full((rows, width), SPECIAL, dtype=torch.long),
             "example_index": torch.full((rows, width), -1, dtype=torch.long),
@@ -50,7 +49,6 @@ class Collator:
             n = len(e["input_ids"])
             batch["input_ids"][r, :n] = torch.tensor(e["input_ids"])
             batch["attention_mask"][r, :n] = 1
-            batch["labels"][r, :n] = torch.tensor(e["labels"])
             batch["loss_weights"][r, :n] = torch.tensor(_weights(e))
             batch["token_class"][r, :n] = torch.tensor(e["token_class"])
             batch["example_index"][r, :n] = r
@@ -77,7 +75,7 @@ class Collator:
     def pack(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         rows, used = self.bins([len(e["input_ids"]) for e in examples])
         width = max(used)
-        keys = ("input_ids", "position_ids", "labels", "loss_weights", "token_class", "example_index")
+        keys = ("input_ids", "position_ids", "loss_weights", "token_class", "example_index")
         out: dict[str, list[list]] = {key: [] for key in keys}
         for row in rows:
             cols: dict[str, list] = {key: [] for key in keys}
@@ -85,12 +83,11 @@ class Collator:
                 e, n = examples[k], len(examples[k]["input_ids"])
                 cols["input_ids"] += e["input_ids"]
                 cols["position_ids"] += range(n)
-                cols["labels"] += [IGNORE_INDEX] + list(e["labels"][1:])
                 cols["loss_weights"] += [0.0] + list(_weights(e)[1:])
                 cols["token_class"] += e["token_class"]
                 cols["example_index"] += [k] * n
             pad = width - len(cols["input_ids"])
-            for key, value in zip(keys, (self.pad_token_id, None, IGNORE_INDEX, 0.0, SPECIAL, -1)):
+            for key, value in zip(keys, (self.pad_token_id, None, 0.0, SPECIAL, -1)):
                 cols[key] += range(pad) if key == "position_ids" else [value] * pad
             for key in keys:
                 out[key].append(cols[key])

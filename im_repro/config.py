@@ -25,12 +25,23 @@ class Structure(str, Enum):
     lenient = "lenient"
 
 
-class LossMode(str, Enum):
+class MaskMode(str, Enum):
+    """Which tokens carry the loss (im_repro/masking.py)."""
+
     it = "it"
     im = "im"
     im_released = "im_released"
     full = "full"
     weighted = "weighted"
+
+
+class Reduction(str, Enum):
+    """What a global batch's loss divides the weighted sum of its token losses by (im_repro/train.py)."""
+
+    per_example = "per_example"  # each example's sum by its weights' sum, then the mean over examples (the paper)
+    per_token = "per_token"  # the sum over the global batch by the weights' sum over it
+    per_example_nonzero = "per_example_nonzero"  # each example's sum by its count of non-zero weights, then the mean
+    per_token_nonzero = "per_token_nonzero"  # by the count of non-zero weights in the global batch (WIT)
 
 
 class Template(str, Enum):
@@ -110,16 +121,14 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    """A row label of the paper's tables and what it trains with: the loss mode here, NEFTune or KL in `train`
-    (each conf/method/ file sets both)."""
+    """A row label of the paper's tables and the loss it trains with: which tokens, their weights and what the sum of
+    their losses is divided by; NEFTune or KL in `train` (a conf/method/ file may set those too)."""
 
-    name: str = MISSING  # the label in tables and run directories: it, im, neftune, im_neftune, kl0.1, weighted0.5...
-    loss: LossMode = MISSING  # which tokens carry the loss (masking.py)
-    prompt_loss_weight: Optional[float] = None  # only for loss=weighted
-    # loss=weighted only: what a weighted mean divides by (train.weighted_sum): weight_sum (the weights' sum) or
-    # nonzero_tokens (the count of tokens with non-zero weight, WIT's choice); and the output tokens' weight (None: 1)
-    normalize: str = "weight_sum"
-    response_weight: Optional[float] = None
+    name: str = MISSING  # the label in tables and run directories: it, im, neftune, im_neftune, kl, weighted0.5...
+    mask: Optional[MaskMode] = MISSING  # which tokens carry the loss; null: nothing is trained (method=base)
+    prompt_loss_weight: Optional[float] = None  # mask=weighted: the instruction tokens' weight (0 = it, 1 = im)
+    response_weight: Optional[float] = None  # mask=weighted: the output tokens' weight (None: 1)
+    reduction: Reduction = Reduction.per_example
 
 
 @dataclass
@@ -156,7 +165,6 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # accelerate fills the released DeepSpeed config's "auto" with 1.0
     bf16: bool = True
     gradient_checkpointing: bool = True
-    loss_normalization: str = "per_example"  # per_example (the paper) | per_token (over the global batch)
     packing: bool = False  # padding-free packing of each micro-batch
     packing_row_tokens: Optional[int] = None  # cap on a packed row's tokens; None = max_seq_length
     group_by_length: bool = False
@@ -261,6 +269,7 @@ class AlpacaEvalConfig:
     limit: Optional[int] = None
     max_new_tokens: int = 8192
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    category: str = "llm_judged"  # for eval.only; its Table 1 columns are its own (AE 1.0, AE 2.0)
 
 
 @dataclass
@@ -272,6 +281,7 @@ class MTBenchConfig:
     limit: Optional[int] = None
     max_new_tokens: int = 1024
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    category: str = "llm_judged"  # for eval.only; its Table 1 column is its own (MT-Bench)
 
 
 @dataclass
@@ -293,12 +303,16 @@ class EvalConfig:
 class AnalysisConfig:
     """The overfitting analyses of PAPER.md §4.3: per-example output loss, and BLEU memorisation of training outputs."""
 
-    heldout: DataConfig = field(default_factory=DataConfig)  # the test set (Tulu V2) for the loss analysis
+    heldout: DataConfig = field(default_factory=DataConfig)  # the test set (Tulu V2) for the heldout_loss stage
     heldout_fraction: float = 0.1  # the paper's 10% sample
-    heldout_sampling: str = "random"  # random (seeded) | first_per_source (the released code's first 10% per source)
+    # random: a seeded uniform sample (what the paper says); first_per_source: the released code's first examples of
+    # each `dataset` source in file order (PAPER.md §5.3, its tulu_dataset_01 of 32,618 examples)
+    heldout_sampling: str = "random"
     loss_limit: Optional[int] = None  # examples per split (None: all)
     memorization_limit: Optional[int] = None  # training instructions answered for BLEU (None: all)
-    max_new_tokens: int = 512
+    # The released code allowed 8,192 new tokens (vLLM); no training example was longer than train.max_seq_length
+    # (2,048), so no memorised output can be either, and greedy decoding of a tuned model ends at EOS well before.
+    max_new_tokens: int = 2048
     batch_size: int = 8
 
 
@@ -335,15 +349,32 @@ class StageResources:
     hours: float = 1.0  # wall-clock limit asked for
 
 
+def _resources() -> dict[str, StageResources]:
+    """Train on the GPUs it needs (the paper: 2 or 4 A100 80G), eval on fewer, report on a CPU."""
+    return {
+        "prepare": StageResources(gpus=0, cpus=8, mem_gb=64, hours=2),
+        "train": StageResources(gpus=4, cpus=32, mem_gb=256, hours=24),
+        "eval": StageResources(gpus=1, cpus=16, mem_gb=128, hours=12),
+        "heldout_loss": StageResources(gpus=1, cpus=8, mem_gb=64, hours=2),
+        "memorization": StageResources(gpus=1, cpus=8, mem_gb=64, hours=4),
+        "report": StageResources(gpus=0, cpus=2, mem_gb=8, hours=1),
+    }
+
+
 @dataclass
 class LaunchConfig:
-    resources: dict[str, StageResources] = field(default_factory=dict)
-    # phase=train runs only the stages listed under `train` (with their resources), phase=eval the rest; None: all
-    phase: Optional[str] = None
-    phases: dict[str, list[str]] = field(default_factory=dict)
-    gpu_peak_tflops: float = 312.0
+    """Resources each stage asks for (a SLURM phase job asks for its phase's: launch.phase=train or eval, each stage's
+    phase declared in im_repro/stages.py), and the assumptions of the dry-run GPU-hours estimate."""
+
+    resources: dict[str, StageResources] = field(default_factory=_resources)
+    phase: Optional[str] = None  # train | eval: run only the stages of that phase; None: every stage
+    # 6 * parameters * tokens FLOPs per epoch, at this fraction of the GPU's dense bf16 peak
+    gpu_peak_tflops: float = 312.0  # A100; an H100 SXM is 989
     utilisation: float = 0.4
+    # tokens per example when the dataset is not prepared yet (LIMA averages ~850 tokens with Llama-2's tokenizer)
     tokens_per_example: int = 800
+    # accelerate launch under SLURM: one task per node re-executes the command on all of the node's GPUs, e.g.
+    # conf/accelerate/multi_node_zero3.yaml
     accelerate_config: Optional[str] = None
     main_process_port: int = 29500
 
@@ -361,12 +392,33 @@ class Config:
     stats: StatsConfig = field(default_factory=StatsConfig)  # the report's uncertainty (conf/stats/)
     stages: list[str] = field(default_factory=lambda: ["prepare"])
     launch: LaunchConfig = field(default_factory=LaunchConfig)
-    skip_stages: list[str] = field(default_factory=list)  # left out whatever `stages` says (method=base: no training)
     dry_run: bool = False  # print the job plan (runs, stages, resources, GPU-hours) and submit nothing
     seed: int = 42
     force: bool = False  # recompute this command's stages from scratch, even those finished under other settings
     experiment: str = "default"
     runs_dir: str = "runs"
+    datasets: dict[str, str] = field(default_factory=dict)  # named dataset lists the experiments sweep (config.yaml)
+
+
+# Keys that were renamed: a command (or config) using the old name fails at start-up naming the new one.
+RENAMED = {
+    "method.loss": "method.mask",
+    "train.loss_normalization": "method.reduction (per_example | per_token | per_example_nonzero | per_token_nonzero)",
+    "method.normalize": "method.reduction (weight_sum: per_example or per_token; nonzero_tokens: per_example_nonzero "
+                        "or per_token_nonzero)",
+    "skip_stages": "method=base (method.mask=null: nothing is trained, prepare and train are left out)",
+}
+
+
+def renamed(overrides: list[str]) -> str | None:
+    """Why a command's overrides cannot run as written (a renamed key or stage), or None."""
+    for arg in overrides:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key in RENAMED:
+            return f"{arg}: {key} was renamed; use {RENAMED[key]}"
+        if key == "stages" and "loss" in value.strip("[]").replace(" ", "").split(","):
+            return f"{arg}: the stage loss was renamed heldout_loss"
+    return None
 
 
 def register() -> None:

@@ -11,12 +11,9 @@ Conversations must also have a sensible structure (`data.structure`, see `struct
 from __future__ import annotations
 
 import codecs
-import hashlib
 import itertools
 import json
-import os
 import re
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +21,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from im_repro.common import UserError, download
 from im_repro.config import plain
 
 ROLES = ("system", "user", "assistant")
@@ -35,7 +33,7 @@ REASONS = ("invalid_utf8", "bad_json", "invalid_field",
 LENIENT_REASONS = ("first_turn_not_user", "roles_not_alternating")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A row that cannot become a conversation; the message names where, which field and why."""
 
     def __init__(self, where: str, field_name: str, problem: str, reason: str = "invalid_field"):
@@ -232,39 +230,6 @@ def iter_json_rows(path: str | Path) -> Iterator[tuple[str, dict | _Invalid]]:
         raise DataError(str(path), "<file>", "expected a .json or .jsonl file")
 
 
-def download(url: str, cache_dir: str | Path, sha256: str | None = None) -> Path:
-    """Fetch `url` once into the cache (atomically); a file whose sha256 is not the expected one never enters it."""
-    target = Path(cache_dir) / "downloads" / hashlib.sha256(url.encode()).hexdigest()[:16] / url.rsplit("/", 1)[-1]
-    if target.exists():
-        _verify(target, sha256, f"the cached copy of {url} (delete it to download again)")
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(target.suffix + ".part")
-    try:
-        urllib.request.urlretrieve(url, tmp)
-        _verify(tmp, sha256, f"{url} as downloaded (corrupt, or changed upstream; not cached)")
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise ConnectionError(f"cannot download {url} ({e}); point the config at a local copy instead") from e
-        raise
-    os.replace(tmp, target)
-    return target
-
-
-def _verify(path: Path, sha256: str | None, what: str) -> None:
-    if sha256 and (actual := file_sha256(path)) != sha256:
-        raise DataError(str(path), "<file>", f"sha256 mismatch: {what} has {actual}, the config expects {sha256}")
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def iter_hub_rows(uri: str, split: str, subset: str | None) -> Iterator[tuple[str, dict]]:
     import datasets
 
@@ -315,7 +280,8 @@ def rows_for(cfg, cache_dir: str | Path) -> tuple[str, Iterable[tuple[str, dict 
         return str(cfg.path), iter_json_rows(cfg.path)
     src = cfg.source
     if src.kind == "url":
-        return src.uri, iter_json_rows(download(src.uri, cache_dir, src.args.get("sha256")))
+        hint = f"Pass a local copy of it as data.path=FILE (data={cfg.name})"
+        return src.uri, iter_json_rows(download(src.uri, cache_dir, src.args.get("sha256"), offline_hint=hint))
     if src.kind == "hf":
         return f"hf://{src.uri}", iter_hub_rows(src.uri, src.split, src.subset)
     if src.kind == "rebuild":

@@ -1,14 +1,11 @@
-"""What made each output: the settings every stage's key is computed from.
+"""What made each output: the pieces every stage's key is built from.
 
-A stage's key is the sha256 of exactly the resolved settings that can change what it writes, plus `FORMAT`. The
-settings in `EXCLUDED` cannot change an output (labels, logging, batch sizes of evaluation, worker counts) and are
-left out, so changing them reuses a finished stage; tests/test_keys.py lists them. Where a setting names a local
-file (the training data, a tokenizer folder), its content's sha256 stands in for the path, so the same data read from
-another place is the same run.
-
-Units: `prepare`, `train`, `loss`, `memorization`, and one per benchmark of the eval suite (`eval/<suite>/<name>`).
-The run directory's name carries `run_id`: the short hash of the run's training settings, the tokenizer named by its
-path rather than its files (a config names its directory without reading a model folder).
+A unit's key (a stage, or one benchmark of a suite) is the sha256 of exactly the resolved settings that can change
+what it writes, plus `FORMAT`; each stage declares its own settings (im_repro/stages.py), each benchmark its own
+(im_repro/evaluate/benchmark.py), from the pieces here. The settings in `EXCLUDED` cannot change an output (labels,
+logging, worker counts) and are left out, so changing them reuses a finished unit; tests/test_keys.py lists them.
+Where a setting names a local file (the training data, a tokenizer folder), its content's sha256 stands in for the
+path, so the same data read from another place is the same run.
 """
 
 from __future__ import annotations
@@ -21,10 +18,12 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from im_repro import data
+from im_repro.common import file_sha256
 from im_repro.config import plain
 
-FORMAT = 1  # bump when a stage's outputs change meaning: every older key then differs and is refused
+# Bump when a stage's outputs change meaning: every older key then differs and is refused. 2: the evaluated model's
+# eval.dtype in every score's key, stage `loss` renamed heldout_loss, method.mask / method.reduction (README).
+FORMAT = 2
 
 # Settings that cannot change a stage's output, per config group (dotted paths inside the group).
 EXCLUDED: dict[str, tuple[str, ...]] = {
@@ -34,13 +33,8 @@ EXCLUDED: dict[str, tuple[str, ...]] = {
     "train": ("name", "logging_steps", "report_to", "save_strategy", "save_steps", "save_total_limit",
               "dataloader_num_workers", "gradient_checkpointing"),
     "prepare": ("num_proc", "batch_size", "cache_dir"),
-    "harness": ("batch_size", "max_batch_size", "log_samples"),
-    "humaneval": ("enabled", "workers", "category"),
-    "alpaca_eval": ("enabled", "judge.api_key_env", "judge.max_retries"),
-    "mt_bench": ("enabled", "judge.api_key_env", "judge.max_retries"),
-    "eval": ("generation_batch_size", "only", "checkpoint"),
     "analysis": ("batch_size",),
-}
+}  # each benchmark lists its own (Benchmark.excluded); eval.generation_batch_size and eval.only are in no key
 
 
 def digest(settings: Any) -> str:
@@ -54,9 +48,10 @@ def plain_dict(node) -> Any:
     return node
 
 
-def without(settings: dict, group: str) -> dict:
-    settings = json.loads(json.dumps(settings, default=plain))  # a deep copy with enums as strings
-    for path in EXCLUDED[group]:
+def without(settings: dict, excluded: tuple[str, ...]) -> dict:
+    """A deep copy of `settings` (enums as strings) less the dotted paths in `excluded`."""
+    settings = json.loads(json.dumps(settings, default=plain))
+    for path in excluded:
         *parents, leaf = path.split(".")
         node = settings
         for part in parents:
@@ -66,8 +61,8 @@ def without(settings: dict, group: str) -> dict:
 
 
 @lru_cache(maxsize=64)
-def file_sha256(path: str, mtime_ns: int) -> str:  # mtime in the cache key: an edited file is hashed again
-    return data.file_sha256(path)
+def _sha256(path: str, mtime_ns: int) -> str:  # mtime in the cache key: an edited file is hashed again
+    return file_sha256(path)
 
 
 def content(path: str | None) -> str | None:
@@ -76,7 +71,7 @@ def content(path: str | None) -> str | None:
         return None
     p = Path(path)
     if p.is_file():
-        return file_sha256(str(p.resolve()), p.stat().st_mtime_ns)
+        return _sha256(str(p.resolve()), p.stat().st_mtime_ns)
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
         return digest([[str(f.relative_to(p)), content(str(f))] for f in files])
@@ -86,7 +81,7 @@ def content(path: str | None) -> str | None:
 def data_settings(cfg) -> dict:
     """The data config less its labels, with the rows identified by their sha256 where known: a local `data.path`
     and a URL source with a checksum name the same rows when the bytes are the same."""
-    d = without(plain_dict(cfg.data), "data")
+    d = without(plain_dict(cfg.data), EXCLUDED["data"])
     source, path = d.pop("source"), d.pop("path")
     if path:  # a local file replaces the source entirely, its dataset filter included (data.rows_for)
         d["rows"] = {"sha256": content(path) or path, "dataset_regex": None}
@@ -106,95 +101,25 @@ def tokenizer_settings(model, contents: bool = True) -> dict:
     return {"tokenizer": {"sha256": found} if found else path, "gguf_file": gguf, "fast": m["use_fast_tokenizer"]}
 
 
-def loss_settings(cfg) -> dict:
-    m = plain_dict(cfg.method)
-    return {"mode": m["loss"], **({"prompt_loss_weight": m["prompt_loss_weight"]} if m["loss"] == "weighted" else {})}
-
-
-def prepare_settings(cfg, contents: bool = True) -> dict:
-    return {"format": FORMAT, "data": data_settings(cfg), **tokenizer_settings(cfg.model, contents),
-            "template": plain(cfg.prepare.template), "loss": loss_settings(cfg),
-            "max_seq_length": cfg.train.max_seq_length}
-
-
-def model_settings(cfg) -> dict:
-    m = without(plain_dict(cfg.model), "model")
+def model_settings(cfg, contents: bool = True) -> dict:
+    m = without(plain_dict(cfg.model), EXCLUDED["model"])
     if m["init"] == "random":  # the weights come from the seed
         m["seed"] = cfg.seed
+    m["chat_template"] = chat_template(cfg, contents)
     return m
 
 
-def weighting_settings(cfg) -> dict:
-    """The loss=weighted settings the train stage applies on top of prepare's weights (none for other modes, where
-    every weight is 0 or 1 and both normalisations agree)."""
-    m = plain_dict(cfg.method)
-    return {"weighting": {k: m[k] for k in ("normalize", "response_weight")}} if m["loss"] == "weighted" else {}
+def chat_template(cfg, contents: bool = True) -> str | dict | None:
+    """A borrowed chat template (model.chat_template) by its content where it is local: two templates that differ
+    only in a header must not share a key, wherever they were read from."""
+    source = cfg.model.chat_template
+    found = content(source) if contents else None
+    return {"sha256": found} if found else source
 
 
-def train_settings(cfg, contents: bool = True) -> dict:
-    t = without(plain_dict(cfg.train), "train")
-    if t["kl"]["mode"] == "none":
-        t["kl"].pop("weight")  # no KL term: its weight multiplies nothing
-    return {"format": FORMAT, "prepare": digest(prepare_settings(cfg, contents)), "model": model_settings(cfg),
-            "train": t, "seed": cfg.seed, **weighting_settings(cfg)}
-
-
-def untrained(cfg) -> bool:
-    """A run of the base model as it is (method=base): no data, no recipe."""
-    return "train" in cfg.skip_stages
-
-
-def evaluated_model(cfg, train_key: str | None) -> dict:
-    """What an eval or analysis stage scores: a given checkpoint, the run's trained model (its train key), or the
-    base model (evaluate.checkpoint chooses the same way)."""
-    if cfg.eval.checkpoint:
-        return {"checkpoint": content(cfg.eval.checkpoint) or cfg.eval.checkpoint}
-    if train_key:
-        return {"train": train_key, "dtype": cfg.model.dtype}
-    return {"base": model_settings(cfg)}
-
-
-def benchmark_settings(cfg, name: str, train_key: str | None) -> dict:
-    """One benchmark of the suite: the model evaluated + the benchmark's own resolved settings."""
-    e = cfg.eval
-    common = {"format": FORMAT, "model": evaluated_model(cfg, train_key), "seed": cfg.seed}
-    if name in e.harness.tasks:
-        harness = without(plain_dict(e.harness), "harness")
-        task = harness.pop("tasks")[name]
-        task["limit"] = task["limit"] if task["limit"] is not None else harness.pop("limit")
-        harness.pop("limit", None)
-        task.pop("category"), task.pop("higher_is_better")  # how the report groups it, not what it measures
-        return {**common, "harness": harness, "task": task}
-    own = without(plain_dict(e[name]), name)
-    return {**common, name: own, "template": plain(cfg.prepare.template)}
-
-
-def loss_analysis_settings(cfg, train_key: str | None) -> dict:
-    a = without(plain_dict(cfg.analysis), "analysis")
-    return {"format": FORMAT, "model": evaluated_model(cfg, train_key), "prepare": digest(prepare_settings(cfg)),
-            "heldout": a["heldout"], "fraction": a["heldout_fraction"], "sampling": a["heldout_sampling"],
-            "limit": a["loss_limit"], "seed": cfg.seed}
-
-
-def memorization_settings(cfg, train_key: str | None) -> dict:
-    a = cfg.analysis
-    return {"format": FORMAT, "model": evaluated_model(cfg, train_key), "data": data_settings(cfg),
-            "template": plain(cfg.prepare.template), "limit": a.memorization_limit,
-            "max_new_tokens": a.max_new_tokens}
-
-
-def run_id(cfg) -> str:
-    """The short hash in a run directory's name: what the run trains (or, for the base model, evaluates)."""
-    if untrained(cfg):
-        return digest({"base": model_settings(cfg)})[:6]
-    return digest(train_settings(cfg, contents=False))[:6]
-
-
-def run_name(cfg) -> str:
-    """`<data>__<model>__<method>__<train>__seed<k>__<run_id>`; the base model's runs have no data or recipe."""
-    if untrained(cfg):
-        return f"{cfg.method.name}__{cfg.model.name}__seed{cfg.seed}__{run_id(cfg)}"
-    return f"{cfg.data.name}__{cfg.model.name}__{cfg.method.name}__{cfg.train.name}__seed{cfg.seed}__{run_id(cfg)}"
+def template_settings(cfg, contents: bool = True) -> dict:
+    """How conversations are rendered: the format and, for the tokenizer's own template, the template borrowed."""
+    return {"template": plain(cfg.prepare.template), "chat_template": chat_template(cfg, contents)}
 
 
 def flat(settings: Any, prefix: str = "") -> dict[str, Any]:

@@ -20,18 +20,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from im_repro import runs
-
-
-def stages_of(cfg) -> list[str]:
-    """The stages this job runs: `stages` less `skip_stages`, only those of `launch.phase` when one is set (a SLURM
-    phase with its resources)."""
-    stages = [s for s in cfg.stages if s not in cfg.skip_stages]
-    if cfg.launch.phase is None:
-        return stages
-    if cfg.launch.phase not in cfg.launch.phases:
-        raise ValueError(f"launch.phase={cfg.launch.phase!r}: choose from {list(cfg.launch.phases)}")
-    return [s for s in stages if s in cfg.launch.phases[cfg.launch.phase]]
+from im_repro import stages
+from im_repro.runs import Unit
 
 
 def train_tokens(cfg, run_dir: Path) -> tuple[float, str]:
@@ -57,7 +47,7 @@ def gpu_hours(cfg, run_dir: Path) -> tuple[float, str]:
 STATES = {"done": "reused", "partial": "to run (resumes)", "new": "to run", "stale": "stale: refused (force=true)"}
 
 
-def stage_state(units: list[runs.Unit]) -> str:
+def stage_state(units: list[Unit]) -> str:
     """reused when every unit is done under its key; stale when any was made under another; else to run."""
     states = [u.state() for u in units]
     if all(s == "done" for s in states):
@@ -67,8 +57,8 @@ def stage_state(units: list[runs.Unit]) -> str:
 
 def plan(cfg, run_dir: Path) -> dict:
     """One run's jobs: {run, stages: [{stage, after, state, resources, gpu_hours}]}."""
-    stages, names = [], stages_of(cfg)
-    units = runs.units(cfg, run_dir, names)
+    entries, names = [], stages.of_phase(cfg)
+    units = stages.plan(cfg, run_dir, names).units
     for i, stage in enumerate(names):
         res = cfg.launch.resources.get(stage)
         if res is None:
@@ -80,8 +70,8 @@ def plan(cfg, run_dir: Path) -> dict:
             entry["gpu_hours"], entry["basis"] = gpu_hours(cfg, run_dir)
         elif res.gpus:
             entry["gpu_hours"], entry["basis"] = res.nodes * res.gpus * res.hours, "time limit x GPUs (upper bound)"
-        stages.append(entry)
-    return {"run": str(run_dir), "experiment": cfg.experiment, "stages": stages,
+        entries.append(entry)
+    return {"run": str(run_dir), "experiment": cfg.experiment, "stages": entries,
             "report": cfg.launch.resources.get("report") is not None and bool(cfg.report.tables or cfg.report.figures)}
 
 

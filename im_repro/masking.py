@@ -1,11 +1,11 @@
 """Which tokens carry the loss: the one place where IT vs IM is decided.
 
-`encode(messages, tokenizer, loss=..., template=..., max_seq_length=...)` renders a conversation (templates.py),
+`encode(messages, tokenizer, mask=..., template=..., max_seq_length=...)` renders a conversation (templates.py),
 tokenizes it exactly once as the paper's code does, and maps the rendered text's character spans onto tokens through
 the tokenizer's offsets. A token is supervised if any of its characters is. Labels follow the Hugging Face
 convention: aligned with `input_ids` (the model shifts), -100 = no loss.
 
-Modes (PAPER.md §3, §5.1):
+Mask modes (method.mask; PAPER.md §3, §5.1):
   it           assistant content + the EOS closing each assistant turn
   im           the content of every message + the assistant EOS; never a template token (the paper's Eq. 4)
   im_released  the paper's released code: everything except exact token matches of tokenizer("<|system|>\\n"),
@@ -24,9 +24,10 @@ import numpy as np
 from im_repro.templates import Rendered, Span, render
 
 IGNORE_INDEX = -100
-LOSS_MODES = ("it", "im", "im_released", "full", "weighted")
+MASK_MODES = ("it", "im", "im_released", "full", "weighted")  # config.MaskMode
 # Token classes as stored per token: a Span value, or SPECIAL for zero-width tokens the tokenizer adds (BOS).
 SPECIAL = -1
+CLASS_NAMES = {SPECIAL: "special", Span.TEMPLATE: "template", Span.INSTRUCTION: "instruction", Span.OUTPUT: "output"}
 RELEASED_IM_PATTERNS = ("<|system|>\n", "<|user|>\n", "wa\n")
 
 
@@ -54,18 +55,18 @@ class Encoded:
         return out
 
 
-def class_weights(loss: str, prompt_loss_weight: float | None = None) -> np.ndarray:
+def class_weights(mask: str, prompt_loss_weight: float | None = None) -> np.ndarray:
     """Loss weight per token class, indexed [SPECIAL, TEMPLATE, INSTRUCTION, OUTPUT]."""
-    if loss == "weighted":
+    if mask == "weighted":
         if prompt_loss_weight is None or not 0.0 <= prompt_loss_weight <= 1.0:
-            raise ValueError(f"loss=weighted needs prompt_loss_weight in [0, 1], got {prompt_loss_weight!r}")
+            raise ValueError(f"mask=weighted needs prompt_loss_weight in [0, 1], got {prompt_loss_weight!r}")
         return np.array([0.0, 0.0, prompt_loss_weight, 1.0])
     if prompt_loss_weight is not None:
-        raise ValueError(f"prompt_loss_weight is only used with loss=weighted, not loss={loss!r}")
+        raise ValueError(f"prompt_loss_weight is only used with mask=weighted, not mask={mask!r}")
     table = {"it": [0, 0, 0, 1], "im": [0, 0, 1, 1], "full": [1, 1, 1, 1]}
-    if loss not in table:
-        raise ValueError(f"unknown loss mode {loss!r}; expected one of {LOSS_MODES}")
-    return np.array(table[loss], dtype=float)
+    if mask not in table:
+        raise ValueError(f"unknown mask mode {mask!r}; expected one of {MASK_MODES}")
+    return np.array(table[mask], dtype=float)
 
 
 # --------------------------------------------------------------------------------------------- offsets ------
@@ -222,24 +223,24 @@ def encode_rendered(
     rendered: Rendered,
     tok: Tokenized,
     tokenizer,
-    loss: str = "im",
+    mask: str = "im",
     max_seq_length: int = 2048,
     prompt_loss_weight: float | None = None,
 ) -> Encoded:
     """Labels for an already tokenized rendering (the batched path tokenizes many texts in one call)."""
     ids = tok.ids[:max_seq_length]
     cls = token_classes(rendered, tok, len(ids))
-    if loss == "im_released":
+    if mask == "im_released":
         return Encoded(ids, _released_im_labels(ids, tokenizer), None, cls, len(tok.ids))
-    weights = class_weights(loss, prompt_loss_weight)[cls + 1]
+    weights = class_weights(mask, prompt_loss_weight)[cls + 1]
     labels = np.where(weights > 0, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
-    loss_weights = weights.tolist() if loss == "weighted" else None
+    loss_weights = weights.tolist() if mask == "weighted" else None
     return Encoded(ids, labels, loss_weights, cls, len(tok.ids))
 
 
-def _check_settings(loss: str, template: str, max_seq_length: int) -> None:
-    if loss == "im_released" and template != "tulu":
-        raise ValueError("loss=im_released reproduces the released code's Tulu header search; use template=tulu")
+def _check_settings(mask: str, template: str, max_seq_length: int) -> None:
+    if mask == "im_released" and template != "tulu":
+        raise ValueError("mask=im_released reproduces the released code's Tulu header search; use template=tulu")
     if max_seq_length < 1:
         raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
 
@@ -247,38 +248,38 @@ def _check_settings(loss: str, template: str, max_seq_length: int) -> None:
 def encode_full(
     messages: list[dict],
     tokenizer,
-    loss: str = "im",
+    mask: str = "im",
     template: str = "tulu",
     max_seq_length: int = 2048,
     prompt_loss_weight: float | None = None,
 ) -> Encoded:
-    _check_settings(loss, template, max_seq_length)
+    _check_settings(mask, template, max_seq_length)
     rendered = render(messages, tokenizer, template)
-    return encode_rendered(rendered, tokenize(tokenizer, rendered), tokenizer, loss, max_seq_length, prompt_loss_weight)
+    return encode_rendered(rendered, tokenize(tokenizer, rendered), tokenizer, mask, max_seq_length, prompt_loss_weight)
 
 
 def encode(
     messages: list[dict],
     tokenizer,
-    loss: str = "im",
+    mask: str = "im",
     template: str = "tulu",
     max_seq_length: int = 2048,
     prompt_loss_weight: float | None = None,
 ) -> dict:
     """`{"input_ids", "labels"[, "loss_weights"]}` for one conversation; see the module docstring for the modes."""
-    return encode_full(messages, tokenizer, loss, template, max_seq_length, prompt_loss_weight).as_dict()
+    return encode_full(messages, tokenizer, mask, template, max_seq_length, prompt_loss_weight).as_dict()
 
 
 def encode_batch(
     conversations: list[list[dict]],
     tokenizer,
-    loss: str = "im",
+    mask: str = "im",
     template: str = "tulu",
     max_seq_length: int = 2048,
     prompt_loss_weight: float | None = None,
 ) -> list[Encoded]:
     """`encode_full` for many conversations with one tokenizer call (fast tokenizers batch in Rust)."""
-    _check_settings(loss, template, max_seq_length)
+    _check_settings(mask, template, max_seq_length)
     rendered = [render(messages, tokenizer, template) for messages in conversations]
     backend = _backend(tokenizer)
     if backend is None or not rendered:
@@ -287,6 +288,6 @@ def encode_batch(
         texts, (specials,) = [r.text for r in rendered], {r.add_special_tokens for r in rendered}
         tokenized = [_from_encoding(e) for e in backend.encode_batch(texts, add_special_tokens=specials)]
     return [
-        encode_rendered(r, tok, tokenizer, loss, max_seq_length, prompt_loss_weight)
+        encode_rendered(r, tok, tokenizer, mask, max_seq_length, prompt_loss_weight)
         for r, tok in zip(rendered, tokenized)
     ]

@@ -1,15 +1,18 @@
-"""Load tokenizers (and, for the train stage, models) from the Hub, a local folder or a GGUF file."""
+"""Load tokenizers and models from the Hub, a local folder or a GGUF file; which model a run scores (`evaluated`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from im_repro import keys
 
 log = logging.getLogger("im_repro")
 
@@ -105,3 +108,67 @@ def load_model(cfg, vocab_size: int):
             f"{model.get_input_embeddings().num_embeddings} embeddings"
         )
     return model
+
+
+# ------------------------------------------------------------------------------------------ scoring -----------
+
+
+def load_inference(model_path: str, tokenizer_path: str, dtype="auto", gguf_file: str | None = None):
+    """(model, tokenizer) for scoring and generation: eval mode, on the GPU when there is one. `dtype`: a torch
+    dtype or its name, or auto (the checkpoint's own)."""
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = tokenizer_from_pretrained(tokenizer_path, gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **kwargs)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """The model an eval or analysis stage scores, and what identifies it in their keys: a checkpoint named by
+    `eval.checkpoint`, the model this run trains, or the base model as it is (method=base), each in `eval.dtype`."""
+
+    kind: str  # checkpoint | trained | base
+    identity: dict
+
+    def paths(self, cfg, run_dir: Path) -> tuple[str, str]:
+        """(model, tokenizer) folders or Hub ids to load it from; a random initialisation or a borrowed chat
+        template is saved into the run directory first, so every backend loads the same thing."""
+        if self.kind == "checkpoint":
+            return cfg.eval.checkpoint, cfg.eval.checkpoint
+        if self.kind == "trained":
+            final = str(run_dir / "train" / "final")
+            return final, final
+        tokenizer = cfg.model.tokenizer or cfg.model.path
+        if cfg.model.chat_template and cfg.model.init == "pretrained":
+            tokenizer = str(run_dir / "eval" / "base_tokenizer")  # the untuned model prompted through the template
+            if not (Path(tokenizer) / "tokenizer_config.json").exists():
+                load_tokenizer(cfg.model).save_pretrained(tokenizer)
+        if cfg.model.init == "pretrained":
+            return cfg.model.path, tokenizer
+        path = run_dir / "eval" / "random_init"
+        if not (path / "config.json").exists():
+            from transformers import set_seed
+
+            log.warning("model.init=random and nothing trained: evaluating the random initialisation")
+            set_seed(cfg.seed)
+            tok = load_tokenizer(cfg.model)
+            load_model(cfg.model, len(tok)).save_pretrained(str(path))
+            tok.save_pretrained(str(path))
+        return str(path), str(path)
+
+    def load(self, cfg, run_dir: Path):
+        """(model, tokenizer) in `eval.dtype`, ready to score."""
+        return load_inference(*self.paths(cfg, run_dir), cfg.eval.dtype)
+
+
+def evaluated(cfg, run_dir: Path, train_key: str | None) -> Evaluated:
+    """What the run's eval and analysis stages score: eval.checkpoint, else the model it trains (`train_key`, None
+    when it trains nothing), else the base model."""
+    dtype = {"dtype": cfg.eval.dtype}  # float32 and bfloat16 log-likelihoods differ: part of every score's key
+    if cfg.eval.checkpoint:
+        return Evaluated("checkpoint", {"checkpoint": keys.content(cfg.eval.checkpoint) or cfg.eval.checkpoint, **dtype})
+    if train_key is not None:
+        return Evaluated("trained", {"train": train_key, **dtype})
+    return Evaluated("base", {"base": keys.model_settings(cfg), **dtype})

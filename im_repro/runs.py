@@ -4,6 +4,7 @@ A unit of work (a stage, or one benchmark of an eval suite) is done when its fol
 of this command's settings (im_repro/keys.py). `decide` says, for every unit a command would run, whether it is
 reused (same key, finished), resumed (same key, started), computed (nothing there) or refused (another key:
 `force=true` recomputes it from scratch). The entrypoint (im_repro/run.py) is the only caller; stages just compute.
+This module knows no stage: im_repro/stages.py makes the units.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from im_repro import keys
+from im_repro.common import is_main, read_json, write_json
 
 PACKAGES = (
     "im-repro", "torch", "transformers", "tokenizers", "datasets", "accelerate", "deepspeed", "hydra-core",
@@ -31,21 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def write_json(path: Path, obj) -> None:
-    """Atomic: a reader never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: Path, missing_ok: bool = False) -> list[dict]:
-    """One record per non-empty line; no records from an absent file when `missing_ok`."""
-    path = Path(path)
-    if missing_ok and not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def git_state(repo: Path = REPO) -> dict:
@@ -78,7 +66,7 @@ class Manifest:
     def __init__(self, run_dir: Path, config: dict, overrides: list[str]):
         self.path = run_dir / "manifest.json"
         # Under a multi-process launcher only rank 0 writes; the others would race on the same file.
-        self.writer = int(os.environ.get("RANK", 0)) == 0
+        self.writer = is_main()
         self.data = read_manifest(self.path) or {"run": run_dir.name, "invocations": []}
         self.current = {
             "status": "running",
@@ -112,13 +100,8 @@ class Manifest:
 
 
 def read_manifest(path: Path) -> dict | None:
-    """A manifest with its invocations; one written before they were kept becomes a single invocation."""
-    if not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    if "invocations" not in data:
-        data = {"run": path.parent.name, "invocations": [{k: v for k, v in data.items() if k != "history"}]}
-    return data
+    """{"run", "invocations": [...]}, or None where there is no manifest."""
+    return read_json(path)
 
 
 def latest(manifest: dict) -> dict:
@@ -140,43 +123,28 @@ def read_record(path: Path) -> dict | None:
         return None
 
 
-class StageOutput:
-    """A stage's folder; it is complete only once `_COMPLETE` exists, and that file is written last. The key its
-    work was started under (`_STARTED`, written by `Unit.begin`) is recorded in the marker."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.marker = self.path / MARKER
-
-    @property
-    def complete(self) -> bool:
-        return self.marker.exists()
-
-    def start(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.marker.unlink(missing_ok=True)
-
-    def finish(self, summary: dict) -> None:
-        started = read_record(self.path / STARTED) or {}
-        write_json(self.marker, {"finished": now(), **{k: started[k] for k in ("key", "settings") if k in started},
-                                 **summary})
-
-
 class StaleOutput(RuntimeError):
     """Outputs in a run directory were made under other settings than this command's."""
 
 
 @dataclass
-class Unit(StageOutput):
-    """One keyed piece of work: a stage, or one benchmark of an eval suite. `settings` are exactly what can change
-    its output (im_repro/keys.py); the marker records their key."""
+class Unit:
+    """One keyed piece of work: a stage, or one benchmark of an eval suite, in its own folder. `settings` are exactly
+    what can change its output (im_repro/keys.py). The folder is complete only once `_COMPLETE` exists, written last
+    with their key; `_STARTED` records the key of work begun and not finished."""
 
     name: str
     path: Path
     settings: dict
+    resuming: bool = False  # set by `begin`: work started under this key goes on from where it stopped
 
-    def __post_init__(self):
-        super().__init__(self.path)
+    @property
+    def marker(self) -> Path:
+        return self.path / MARKER
+
+    @property
+    def complete(self) -> bool:
+        return self.marker.exists()
 
     @property
     def key(self) -> str:
@@ -208,7 +176,8 @@ class Unit(StageOutput):
 
     def begin(self, fresh: bool) -> None:
         """Rank 0 clears the folder when starting from scratch and records the key the work is done under."""
-        if int(os.environ.get("RANK", 0)) != 0:
+        self.resuming = not fresh
+        if not is_main():
             return
         if fresh:
             shutil.rmtree(self.path, ignore_errors=True)
@@ -218,11 +187,11 @@ class Unit(StageOutput):
 
     def abandon(self) -> None:
         """After a failure: a unit that wrote nothing leaves no folder (a typo must not look like stale work)."""
-        if int(os.environ.get("RANK", 0)) == 0 and self.made_nothing():
+        if is_main() and self.made_nothing():
             shutil.rmtree(self.path, ignore_errors=True)
 
     def finish(self, summary: dict) -> None:
-        if int(os.environ.get("RANK", 0)) == 0:
+        if is_main():
             write_json(self.marker, {"finished": now(), "key": self.key, "settings": self.settings, **summary})
             (self.path / STARTED).unlink(missing_ok=True)
 
@@ -243,32 +212,19 @@ def decide(units: list[Unit], force: bool) -> dict[str, str]:
     return {name: {"done": "skip", "partial": "resume", "new": "fresh"}[state] for name, state in states.items()}
 
 
-def pipeline(cfg) -> list[str]:
-    """The stages of the run, whatever phase this job runs: `stages` less `skip_stages`."""
-    return [s for s in cfg.stages if s not in cfg.skip_stages]
+@dataclass
+class Job:
+    """What a stage's run function gets (im_repro/stages.py): the config, the run directory, the units it is to do
+    (each begun: fresh or resuming), and the model it scores, if it scores one. The stage calls `finish` for each
+    unit the moment its output is complete, so a later failure (or a kill) does not undo it."""
 
+    cfg: Any
+    run_dir: Path
+    units: list[Unit]
+    model: Any = None  # im_repro.model.Evaluated
+    finished: dict[str, dict] = field(default_factory=dict)
 
-def units(cfg, run_dir: Path, stages: list[str]) -> dict[str, list[Unit]]:
-    """The keyed units of each of `stages` in this run directory."""
-    from im_repro.evaluate import select, suite, suite_dir
-
-    train = Unit("train", run_dir / "train", keys.train_settings(cfg))
-    # What eval and the analyses score: this run's training when it trains, else a model trained here before.
-    train_key = train.key if "train" in pipeline(cfg) else (read_record(train.marker) or {}).get("key")
-    found: dict[str, list[Unit]] = {}
-    for stage in stages:
-        if stage == "prepare":
-            found[stage] = [Unit("prepare", run_dir / "prepare", keys.prepare_settings(cfg))]
-        elif stage == "train":
-            found[stage] = [train]
-        elif stage == "eval":
-            found[stage] = [Unit(f"eval/{cfg.eval.name}/{name}", suite_dir(cfg, run_dir) / name,
-                                 keys.benchmark_settings(cfg, name, train_key))
-                            for name in select(suite(cfg), cfg.eval.only)]
-        elif stage == "loss":
-            found[stage] = [Unit("loss", run_dir / "loss", keys.loss_analysis_settings(cfg, train_key))]
-        elif stage == "memorization":
-            found[stage] = [Unit("memorization", run_dir / "memorization", keys.memorization_settings(cfg, train_key))]
-        else:
-            raise ValueError(f"no units known for stage {stage!r}")
-    return found
+    def finish(self, name: str, summary: dict) -> None:
+        unit = next(u for u in self.units if u.name == name)
+        unit.finish(summary)
+        self.finished[name] = summary

@@ -21,9 +21,6 @@ class Span(IntEnum):
     OUTPUT = 2
 
 
-ROLES = ("system", "user", "assistant")
-
-
 @dataclass(frozen=True)
 class Rendered:
     text: str

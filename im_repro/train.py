@@ -3,9 +3,10 @@
     im-repro stages=[prepare,train] data=lima model=tiny method=im train=smoke
     accelerate launch --config_file conf/accelerate/deepspeed_zero3.yaml -m im_repro stages=[train] train=paper ...   (docs/multi_gpu.md)
 
-What the Trainer does not do and this module adds, in `ITTrainer.compute_loss`:
-* loss normalisation over the *global* batch (all accumulation steps and processes): `per_example` (the paper: each
-  example's weighted mean token loss, then the mean over examples) or `per_token`; both honour `loss_weights`;
+What the Trainer does not do and this module adds, in `ITTrainer.compute_loss` (the loss is a `LossSpec`):
+* the loss reduced over the *global* batch (all accumulation steps and processes), as `method.reduction` says: the
+  paper's `per_example` (each example's weighted mean token loss, then the mean over examples), `per_token`, or WIT's
+  count of non-zero weights (`*_nonzero`); all honour the prepared `loss_weights`;
 * the loss on output tokens and on instruction tokens logged separately at every step, whatever the mode, so IT and
   IM runs compare on the same output-only loss;
 * KL regularisation against the frozen base model: `kl` (Eq. 5, the real KL over the vocabulary) or `kl_released`
@@ -26,6 +27,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -34,8 +36,11 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from im_repro import keys, prepare
 from im_repro import model as model_lib
+from im_repro.common import world_size
 from im_repro.config import plain
+from im_repro.runs import Job
 from im_repro.templates import TULU_CHAT_TEMPLATE, Span
 
 log = logging.getLogger(__name__)
@@ -48,7 +53,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 def shifted(batch: dict, response_weight: float | None = None) -> dict:
     """Per predicted position t (predicting token t+1): target, weight, class, example, and whether it is valid.
 
-    `response_weight` (method.response_weight, loss=weighted only) scales the output tokens' prepared weight of 1 here
+    `response_weight` (method.response_weight, mask=weighted only) scales the output tokens' prepared weight of 1 here
     rather than in prepare, so runs that differ only in it share their prepared data."""
     ex = batch["example_index"]
     weights, classes = batch["loss_weights"][:, 1:], batch["token_class"][:, 1:]
@@ -64,26 +69,37 @@ def shifted(batch: dict, response_weight: float | None = None) -> dict:
     }
 
 
-NORMALIZE = ("weight_sum", "nonzero_tokens")
+REDUCTIONS = ("per_example", "per_token", "per_example_nonzero", "per_token_nonzero")  # config.Reduction
 
 
-def weighted_sum(values: torch.Tensor, weights: torch.Tensor, example: torch.Tensor, normalization: str,
-                 normalize: str = "weight_sum"):
+@dataclass(frozen=True)
+class LossSpec:
+    """What a batch's loss depends on beyond the prepared per-token weights (method.mask and its weights): the output
+    tokens' weight, what the weighted sum is divided by, and the KL term towards the frozen base model."""
+
+    reduction: str = "per_example"
+    response_weight: float | None = None  # mask=weighted: the output tokens' weight (None: 1)
+    kl_mode: str = "none"  # none | kl (Eq. 5, over the vocabulary) | kl_released (the released code's term)
+    kl_weight: float = 0.0
+
+    @classmethod
+    def of(cls, cfg) -> "LossSpec":
+        return cls(plain(cfg.method.reduction), cfg.method.response_weight, cfg.train.kl.mode, cfg.train.kl.weight)
+
+
+def weighted_sum(values: torch.Tensor, weights: torch.Tensor, example: torch.Tensor, reduction: str):
     """(sum of contributions, normaliser) of one micro-batch; the loss is sum / normaliser over the global batch.
 
     per_token:   sum_t w_t v_t            / sum_t d_t
     per_example: sum_e (sum_t w v / sum_t d over e) / number of examples with any weight
-    with d_t = w_t (normalize=weight_sum) or [w_t > 0] (normalize=nonzero_tokens: WIT, arXiv 2507.07817, divides by
-    the count of tokens with non-zero weight, so a small prompt weight shrinks the prompt's share, not its mean).
-    The two agree wherever the weights are 0 or 1 (it, im, full).
+    with d_t = w_t, or [w_t > 0] for the *_nonzero reductions (WIT, arXiv 2507.07817: the count of tokens with
+    non-zero weight, so a small prompt weight shrinks the prompt's share, not its mean). All agree for 0/1 weights.
     """
-    if normalize not in NORMALIZE:
-        raise ValueError(f"method.normalize must be one of {NORMALIZE}, got {normalize!r}")
-    counted = weights if normalize == "weight_sum" else (weights > 0).to(weights.dtype)
-    if normalization == "per_token":
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"method.reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    counted = (weights > 0).to(weights.dtype) if reduction.endswith("_nonzero") else weights
+    if reduction.startswith("per_token"):
         return (values * weights).sum(), counted.sum()
-    if normalization != "per_example":
-        raise ValueError(f"train.loss_normalization must be per_example or per_token, got {normalization!r}")
     idx = example.clamp(min=0).flatten()
     n = int(idx.max()) + 1 if idx.numel() else 0
     num = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, idx, (values * weights).flatten())
@@ -92,14 +108,12 @@ def weighted_sum(values: torch.Tensor, weights: torch.Tensor, example: torch.Ten
     return (num[has] / den[has]).sum(), has.sum().to(values.dtype)
 
 
-def normaliser(batch: dict, normalization: str, normalize: str = "weight_sum",
-               response_weight: float | None = None) -> torch.Tensor:
-    s = shifted(batch, response_weight)
-    return weighted_sum(torch.zeros_like(s["weights"]), s["weights"], s["example"], normalization, normalize)[1]
+def normaliser(batch: dict, spec: LossSpec) -> torch.Tensor:
+    s = shifted(batch, spec.response_weight)
+    return weighted_sum(torch.zeros_like(s["weights"]), s["weights"], s["example"], spec.reduction)[1]
 
 
-def forward_loss(model, batch: dict, normalization: str, kl_mode: str = "none", kl_lambda: float = 0.0,
-                 ref_model=None, normalize: str = "weight_sum", response_weight: float | None = None):
+def forward_loss(model, batch: dict, spec: LossSpec = LossSpec(), ref_model=None):
     """One micro-batch: (sum of loss contributions, local normaliser, per-position CE, shifted views, outputs).
 
     The CE is taken against the true next token everywhere; the weights (0 where labels are -100) decide what
@@ -109,21 +123,21 @@ def forward_loss(model, batch: dict, normalization: str, kl_mode: str = "none", 
     model_inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch} | {"use_cache": False}
     outputs = model(**model_inputs)
     logits = outputs.logits[:, :-1].float()
-    s = shifted(batch, response_weight)
+    s = shifted(batch, spec.response_weight)
     ce = F.cross_entropy(logits.flatten(0, 1), s["targets"].flatten(), reduction="none").view_as(s["targets"])
-    total, norm = weighted_sum(ce, s["weights"], s["example"], normalization, normalize)
-    if kl_mode != "none":
+    total, norm = weighted_sum(ce, s["weights"], s["example"], spec.reduction)
+    if spec.kl_mode != "none":
         with torch.no_grad():
             ref_logits = ref_model(**model_inputs).logits[:, :-1].float()
-        if kl_mode == "kl":  # KL(pi_theta || pi_ref) over the vocabulary at each position (Eq. 5)
+        if spec.kl_mode == "kl":  # KL(pi_theta || pi_ref) over the vocabulary at each position (Eq. 5)
             logp, ref_logp = F.log_softmax(logits, -1), F.log_softmax(ref_logits, -1)
             per_position = (logp.exp() * (logp - ref_logp)).sum(-1)
-        elif kl_mode == "kl_released":  # log pi_theta(x_t) - log pi_ref(x_t) on the data token
+        elif spec.kl_mode == "kl_released":  # log pi_theta(x_t) - log pi_ref(x_t) on the data token
             ref_ce = F.cross_entropy(ref_logits.flatten(0, 1), s["targets"].flatten(), reduction="none")
             per_position = ref_ce.view_as(ce) - ce
         else:
-            raise ValueError(f"train.kl.mode must be none, kl or kl_released, got {kl_mode!r}")
-        total = total + kl_lambda * weighted_sum(per_position, s["weights"], s["example"], normalization, normalize)[0]
+            raise ValueError(f"train.kl.mode must be none, kl or kl_released, got {spec.kl_mode!r}")
+        total = total + spec.kl_weight * weighted_sum(per_position, s["weights"], s["example"], spec.reduction)[0]
     return total, norm, ce, s, outputs
 
 
@@ -149,12 +163,9 @@ class ITTrainer(Trainer):
     # compute_loss divides by the global normaliser itself: the Trainer must not divide again by the GA steps
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, normalization: str, kl_mode: str = "none", kl_lambda: float = 0.0,
-                 ref_model=None, neftune_alpha: float | None = None, normalize: str = "weight_sum",
-                 response_weight: float | None = None, **kwargs):
+    def __init__(self, *args, loss: LossSpec, ref_model=None, neftune_alpha: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.normalization, self.kl_mode, self.kl_lambda, self.ref_model = normalization, kl_mode, kl_lambda, ref_model
-        self.normalize, self.response_weight = normalize, response_weight
+        self.loss, self.ref_model = loss, ref_model
         self._curves = None  # on the model's device: out ce, out n, instr ce, instr n, tokens, supervised
         self._curve_start = time.perf_counter()
         self.neftune_alpha, self._token_lengths = neftune_alpha, None
@@ -174,7 +185,7 @@ class ITTrainer(Trainer):
         return inputs
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
-        total = sum(normaliser(b, self.normalization, self.normalize, self.response_weight) for b in batch_samples).to(device)
+        total = sum(normaliser(b, self.loss) for b in batch_samples).to(device)
         if self.args.world_size > 1:
             total = self.accelerator.gather(total).sum()
         return total
@@ -182,10 +193,7 @@ class ITTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.neftune_alpha:
             self._token_lengths = example_lengths_per_token(inputs["example_index"])
-        total, local_norm, ce, s, outputs = forward_loss(
-            model, inputs, self.normalization, self.kl_mode, self.kl_lambda, self.ref_model, self.normalize,
-            self.response_weight,
-        )
+        total, local_norm, ce, s, outputs = forward_loss(model, inputs, self.loss, self.ref_model)
         denominator = num_items_in_batch if num_items_in_batch is not None else local_norm
         # DDP averages gradients over processes; scaling by their number makes the result a global-batch mean.
         loss = total / denominator.clamp(min=1e-8) * self.accelerator.num_processes
@@ -324,29 +332,43 @@ def training_arguments(cfg, out: Path, accumulation: int) -> TrainingArguments:
 
 
 def check_weighting(method) -> None:
-    """method.normalize and method.response_weight act on loss=weighted's weights only."""
-    if plain(method.loss) != "weighted" and (method.normalize != "weight_sum" or method.response_weight is not None):
-        raise ValueError(f"method.normalize={method.normalize} and method.response_weight={method.response_weight} "
-                         f"are only used with loss=weighted, not loss={plain(method.loss)}")
+    """The *_nonzero reductions and method.response_weight act on mask=weighted's weights only (for 0/1 weights the
+    reductions agree: another name would only make another run of the same model)."""
+    mask, reduction = plain(method.mask), plain(method.reduction)
+    if mask != "weighted" and (reduction.endswith("_nonzero") or method.response_weight is not None):
+        raise ValueError(f"method.reduction={reduction} and method.response_weight={method.response_weight} "
+                         f"are only used with mask=weighted, not mask={mask}")
     if method.response_weight is not None and not method.response_weight > 0:
         raise ValueError(f"method.response_weight must be > 0 (the output tokens carry the loss), got "
                          f"{method.response_weight}")
 
 
-def run(cfg, run_dir: Path, resume: bool = True) -> dict:
-    """Writes `<run>/train/`; returns the summary its completion marker records. `resume`: continue from the last
-    checkpoint in the folder (the entrypoint allows it only for work started under the same key)."""
+def settings(cfg, model=None, contents: bool = True) -> dict:
+    """What the trained model depends on (its key): the prepared data's key, the base model, the recipe, the loss
+    and the seed. `contents=False` names local tokenizer folders by path (run names are computed without reading them)."""
+    t = keys.without(keys.plain_dict(cfg.train), keys.EXCLUDED["train"])
+    if t["kl"]["mode"] == "none":
+        t["kl"].pop("weight")  # no KL term: its weight multiplies nothing
+    method = keys.plain_dict(cfg.method)
+    loss = {"reduction": method["reduction"], "response_weight": method["response_weight"]}
+    # The prepared data's settings themselves, not their hash: a refusal names the one that changed.
+    return {"format": keys.FORMAT, "prepare": prepare.settings(cfg, None, contents),
+            "model": keys.model_settings(cfg, contents), "train": t, "loss": loss, "seed": cfg.seed}
+
+
+def run(job: Job) -> None:
+    """Writes `<run>/train/`; marks it complete with a summary. A unit resumed (started under the
+    same key) continues from its folder's last complete checkpoint."""
     from im_repro.collate import Collator
 
+    cfg, run_dir, (unit,) = job.cfg, job.run_dir, job.units
     out = run_dir / "train"
     prepared = run_dir / "prepare" / "dataset"
-    if not prepared.exists():
-        raise FileNotFoundError(f"{prepared} is missing: run the prepare stage first (stages=[prepare,train])")
     dataset = datasets.load_from_disk(str(prepared))
     if sum(dataset["num_supervised"]) == 0:
         raise ValueError(f"{prepared}: no example has a supervised token")
     check_weighting(cfg.method)
-    accumulation = gradient_accumulation(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    accumulation = gradient_accumulation(cfg, world_size())
     if cfg.train.kl.mode != "none" and cfg.train.deepspeed:
         stage = json.loads(Path(cfg.train.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
         if stage == 3:  # the reference is a deep copy of the model, which a ZeRO-3 partitioned model cannot give
@@ -373,15 +395,11 @@ def run(cfg, run_dir: Path, resume: bool = True) -> dict:
         data_collator=Collator(pad_id, cfg.train.packing, cfg.train.packing_row_tokens or cfg.train.max_seq_length),
         processing_class=tokenizer,
         callbacks=[JsonlLog(out / "log.jsonl")],
-        normalization=cfg.train.loss_normalization,
-        kl_mode=kl.mode,
-        kl_lambda=kl.weight,
+        loss=LossSpec.of(cfg),
         ref_model=ref_model,
         neftune_alpha=cfg.train.neftune_alpha,
-        normalize=cfg.method.normalize,
-        response_weight=cfg.method.response_weight,
     )
-    checkpoint, incomplete = last_complete_checkpoint(Path(args.output_dir)) if resume else (None, [])
+    checkpoint, incomplete = last_complete_checkpoint(Path(args.output_dir)) if unit.resuming else (None, [])
     last = str(checkpoint) if checkpoint else None
     if incomplete:
         log.warning("train: skipping incomplete checkpoint(s) %s (written when the run was killed; overwritten as "
@@ -390,7 +408,7 @@ def run(cfg, run_dir: Path, resume: bool = True) -> dict:
         log.info("train: resuming from %s", last)
     log.info("train: %d examples, global batch %d = %d x %d accumulation x %d processes, %s, %s",
              len(dataset), cfg.train.global_batch_size, cfg.train.per_device_batch_size, accumulation,
-             args.world_size, cfg.train.loss_normalization, "packed" if cfg.train.packing else "padded")
+             args.world_size, plain(cfg.method.reduction), "packed" if cfg.train.packing else "padded")
     result = trainer.train(resume_from_checkpoint=last)
 
     final, tmp = out / "final", out / "final.tmp"
@@ -405,4 +423,5 @@ def run(cfg, run_dir: Path, resume: bool = True) -> dict:
         tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-    return {"global_step": result.global_step, "train_loss": result.training_loss, "resumed_from": last}
+    job.finish(unit.name, {"global_step": result.global_step, "train_loss": result.training_loss,
+                           "resumed_from": last})

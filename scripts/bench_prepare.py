@@ -94,7 +94,7 @@ def label_differences(conversations: list[list[dict]], tokenizer) -> dict[str, i
     kinds = {"input_ids differ (examples)": 0, "'\\n' after EOS: paper supervises, ours template": 0, "other": 0}
     for messages in conversations:
         ids, theirs = paper_it(messages, tokenizer)
-        ours = encode(messages, tokenizer, loss="it", max_seq_length=MAX_LEN)
+        ours = encode(messages, tokenizer, mask="it", max_seq_length=MAX_LEN)
         kinds["input_ids differ (examples)"] += ours["input_ids"] != ids
         for p, (a, b) in enumerate(zip(theirs, ours["labels"])):
             if a == b:
@@ -140,7 +140,7 @@ def main() -> None:
     batch_seconds = {}
     for loss in () if args.chat_only else ("im", "it"):
         ours, floor = best_times(
-            [lambda: [encode(m, tok, loss=loss, max_seq_length=MAX_LEN) for m in convs], lambda: [tok(t) for t in texts]],
+            [lambda: [encode(m, tok, mask=loss, max_seq_length=MAX_LEN) for m in convs], lambda: [tok(t) for t in texts]],
             args.repeats,
         )
         report(f"encode {loss}", ours, floor, ours / floor, "<= 1.3x", ours / floor <= 1.3)
@@ -166,7 +166,7 @@ def main() -> None:
             except ChatTemplateError:
                 pass  # counted below: the template renders these in a way masking refuses
         ours, floor = best_times(
-            [lambda: [encode(m, chat_tok, loss="im", template="chat_template", max_seq_length=MAX_LEN) for m in usable],
+            [lambda: [encode(m, chat_tok, mask="im", template="chat_template", max_seq_length=MAX_LEN) for m in usable],
              lambda: [chat_tok.apply_chat_template(m, tokenize=True) for m in usable]],
             args.repeats,
         )
@@ -181,7 +181,7 @@ def main() -> None:
             print(f"paper IT {name}: no conversations (raise --limit)")
             continue
         ours, base = best_times(
-            [lambda: [encode(m, tok, loss="it", max_seq_length=MAX_LEN) for m in group],
+            [lambda: [encode(m, tok, mask="it", max_seq_length=MAX_LEN) for m in group],
              lambda: [paper_it(m, tok) for m in group]],
             args.repeats,
         )

@@ -38,7 +38,7 @@ from im_repro.config import ModelConfig  # noqa: E402
 from im_repro.masking import encode_batch  # noqa: E402
 from im_repro.model import load_model, load_tokenizer  # noqa: E402
 from im_repro.run import lima_overrides, load_data  # noqa: E402
-from im_repro.train import forward_loss, normaliser  # noqa: E402
+from im_repro.train import LossSpec, forward_loss, normaliser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("mb1", "padded", "grouped", "packed", "dense")
@@ -91,20 +91,21 @@ def plan(examples: list[dict], batch: int, max_len: int, pad_id: int) -> dict[st
     }
 
 
-def accumulate(model, micro_batches: list[dict], normalization: str = "per_example") -> torch.Tensor:
+def accumulate(model, micro_batches: list[dict], reduction: str = "per_example") -> torch.Tensor:
     """Forward and backward of a global batch, its loss normalised over the whole batch as the train stage does."""
-    total_norm = sum(normaliser(mb, normalization) for mb in micro_batches).clamp(min=1e-8)
+    spec = LossSpec(reduction)
+    total_norm = sum(normaliser(mb, spec) for mb in micro_batches).clamp(min=1e-8)
     parts = []
     for mb in micro_batches:
-        part = forward_loss(model, mb, normalization)[0] / total_norm
+        part = forward_loss(model, mb, spec)[0] / total_norm
         part.backward()
         parts.append(part.detach())
     return torch.stack(parts).sum()
 
 
-def train_step(model, optimizer, micro_batches: list[dict], normalization: str = "per_example") -> None:
+def train_step(model, optimizer, micro_batches: list[dict], reduction: str = "per_example") -> None:
     """One optimizer step over a global batch."""
-    accumulate(model, micro_batches, normalization)
+    accumulate(model, micro_batches, reduction)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -114,7 +115,7 @@ def train_step(model, optimizer, micro_batches: list[dict], normalization: str =
 def check_losses(model, plans: dict) -> float:
     """Packed and micro-batch-1 losses against padded ones on the same examples; the worst relative difference."""
     def loss(micro_batches: list[dict], norm: str) -> float:
-        sums = [forward_loss(model, mb, norm)[:2] for mb in micro_batches]
+        sums = [forward_loss(model, mb, LossSpec(norm))[:2] for mb in micro_batches]
         return float(sum(t for t, _ in sums) / sum(n for _, n in sums))
 
     worst = 0.0

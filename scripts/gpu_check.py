@@ -61,10 +61,11 @@ import torch  # noqa: E402
 
 from bench_eval import time_generation  # noqa: E402
 from bench_train import CONFIGS, MODES, accumulate, plan, rates, synchronize, time_steps, train_step  # noqa: E402
+from im_repro.common import read_jsonl, write_json  # noqa: E402
 from im_repro.config import HarnessTask  # noqa: E402
 from im_repro.masking import IGNORE_INDEX, class_weights, encode_batch  # noqa: E402
 from im_repro.run import compose, lima_overrides, load_data  # noqa: E402
-from im_repro.runs import MARKER, STARTED, read_jsonl, read_record, write_json  # noqa: E402
+from im_repro.runs import MARKER, STARTED, read_record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = ROOT / "scripts" / "data" / "lima_lengths.json"
@@ -335,8 +336,8 @@ def deepspeed(work: Path, cuda: bool) -> dict:
 def evaluation(bench: Bench | None, size, work: Path, device: torch.device) -> dict:
     """lm-eval log-likelihood and batched generation with the (random) model, saved as a checkpoint first."""
     from im_repro.evaluate import harness
-    from im_repro.evaluate.generate import chat_prompt, load_inference
-    from im_repro.model import load_model, load_tokenizer
+    from im_repro.evaluate.generate import chat_prompt
+    from im_repro.model import load_inference, load_model, load_tokenizer
 
     cfg = bench.cfg if bench else compose([f"model={size.model}"])
     tokenizer = load_tokenizer(cfg.model)

@@ -1,4 +1,4 @@
-"""The overfitting analyses (loss, memorization stages) on a tiny random Llama, and Figure 2's subset selection."""
+"""The overfitting analyses (heldout_loss, memorization stages) on a tiny Llama, and Figure 2's subset selection."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from im_repro import analysis, prepare, subsets
+from im_repro import heldout_loss, memorization, prepare, stages, subsets
+from im_repro.common import UserError
 from im_repro.data import length_stats
 from im_repro.masking import encode_full
 from im_repro.templates import Span
 from im_repro.run import execute
+from im_repro.runs import Job
 from tests.conftest import compose_with
 
 TRAIN = [
@@ -67,6 +69,14 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("IM_REPRO_CACHE", str(tmp_path / "cache"))
 
 
+def job(cfg, run_dir: Path, stage: str) -> Job:
+    """The job `execute` would hand the stage, begun afresh (for calling a stage with a stand-in generator)."""
+    plan = stages.plan(cfg, run_dir, [stage])
+    for unit in plan.units[stage]:
+        unit.begin(fresh=True)
+    return Job(cfg, run_dir, plan.units[stage], plan.model)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -80,29 +90,30 @@ def output_ce(model, input_ids: list[int], token_class: list[int]) -> float:
     return float(F.cross_entropy(logits[keep], targets[keep]))
 
 
-# ------------------------------------------------------------------------------------------ loss stage -------
+# ------------------------------------------------------------------------------------------ heldout_loss stage -
 
 
 @pytest.fixture(scope="module")
 def loss_run(tmp_path_factory):
-    """An IM-prepared run scored by the loss stage: the loss must still be over output tokens only."""
+    """An IM run (one optimizer step) scored by the heldout_loss stage: the loss must still be over output tokens
+    only."""
     tmp_path = tmp_path_factory.mktemp("loss")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("IM_REPRO_CACHE", str(tmp_path / "cache"))
-        cfg = config(tmp_path, "method=im", "analysis.loss_limit=5")
-        execute(cfg, tmp_path, ["prepare", "loss"])
+        cfg = config(tmp_path, "method=im", "analysis.loss_limit=5", "train.max_steps=1")
+        execute(cfg, tmp_path, ["prepare", "train", "heldout_loss"])
     return cfg, tmp_path
 
 
 def test_loss_stage_writes_per_example_losses_and_a_summary(loss_run):
     _, run = loss_run
-    out = run / "loss"
+    out = run / "heldout_loss"
     assert (out / "_COMPLETE").exists()
     train, test = read_jsonl(out / "train.jsonl"), read_jsonl(out / "test.jsonl")
     summary = json.loads((out / "summary.json").read_text())
     assert [r["index"] for r in train] == [0, 1, 2, 3, 4] and train[0]["id"] == "t0"  # loss_limit=5 of 6
     assert len(test) == 5 and all(r["n_output_tokens"] > 0 and r["loss"] > 0 for r in train + test)
-    assert summary["checkpoint"] == str(run / "eval" / "random_init")
+    assert summary["checkpoint"] == str(run / "train" / "final")
     for split, records in (("train", train), ("test", test)):
         losses = [r["loss"] for r in records]
         assert summary[split]["n"] == 5
@@ -113,17 +124,17 @@ def test_loss_stage_writes_per_example_losses_and_a_summary(loss_run):
 
 def test_held_out_duplicates_of_training_instructions_are_removed_and_counted(loss_run):
     _, run = loss_run
-    held = json.loads((run / "loss" / "summary.json").read_text())["heldout"]
+    held = json.loads((run / "heldout_loss" / "summary.json").read_text())["heldout"]
     assert (held["examples"], held["sampled"], held["duplicates_of_training_removed"]) == (18, 18, 2)
     assert held["after_deduplication"] == 16 and held["duplicates_first_20"] == ["h2", "h14"]
-    assert {r["id"] for r in read_jsonl(run / "loss" / "test.jsonl")}.isdisjoint({"h2", "h14"})
+    assert {r["id"] for r in read_jsonl(run / "heldout_loss" / "test.jsonl")}.isdisjoint({"h2", "h14"})
 
 
 def test_per_example_loss_is_the_cross_entropy_over_output_tokens_only(loss_run, llama2):
     cfg, run = loss_run
-    model = AutoModelForCausalLM.from_pretrained(run / "eval" / "random_init").eval()
+    model = AutoModelForCausalLM.from_pretrained(run / "train" / "final").eval()
     prepared = datasets.load_from_disk(str(run / "prepare" / "dataset"))
-    record = read_jsonl(run / "loss" / "train.jsonl")[4]  # the multi-turn example: two outputs, two instructions
+    record = read_jsonl(run / "heldout_loss" / "train.jsonl")[4]  # the multi-turn example: two outputs, two instructions
     row = prepared[record["index"]]
     expected = output_ce(model, row["input_ids"], row["token_class"])
     assert record["loss"] == pytest.approx(expected, rel=1e-5)
@@ -132,27 +143,27 @@ def test_per_example_loss_is_the_cross_entropy_over_output_tokens_only(loss_run,
     trained_on = [Span.OUTPUT if label != -100 else Span.TEMPLATE for label in row["labels"]]
     assert abs(output_ce(model, row["input_ids"], trained_on) - expected) > 0.05
 
-    record = read_jsonl(run / "loss" / "test.jsonl")[0]
+    record = read_jsonl(run / "heldout_loss" / "test.jsonl")[0]
     messages = heldout_rows()[record["index"]]["messages"]
-    encoded = encode_full(messages, llama2, loss="it", max_seq_length=cfg.train.max_seq_length)
+    encoded = encode_full(messages, llama2, mask="it", max_seq_length=cfg.train.max_seq_length)
     assert record["loss"] == pytest.approx(output_ce(model, encoded.input_ids, encoded.token_class.tolist()), rel=1e-5)
 
 
 def test_complete_loss_stage_is_skipped(loss_run, monkeypatch):
     cfg, run = loss_run
-    before = (run / "loss" / "summary.json").stat().st_mtime_ns
+    before = (run / "heldout_loss" / "summary.json").stat().st_mtime_ns
 
     def no_model(*_, **__):
         raise AssertionError("a complete stage must not load the model")
 
-    monkeypatch.setattr("im_repro.evaluate.load_for_generation", no_model)
-    assert execute(cfg, run, ["loss"]) == {"loss": "skip"}
-    assert (run / "loss" / "summary.json").stat().st_mtime_ns == before
+    monkeypatch.setattr("im_repro.model.load_inference", no_model)
+    assert execute(cfg, run, ["heldout_loss"]) == {"heldout_loss": "skip"}
+    assert (run / "heldout_loss" / "summary.json").stat().st_mtime_ns == before
 
 
 def test_loss_stage_needs_a_prepared_dataset(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run the prepare stage first"):
-        analysis.run_loss(config(tmp_path), tmp_path)
+    with pytest.raises(UserError, match="heldout_loss needs the prepare stage's output"):
+        execute(config(tmp_path), tmp_path, ["heldout_loss"])
 
 
 # ------------------------------------------------------------------------------------------ held-out sampling -
@@ -160,22 +171,22 @@ def test_loss_stage_needs_a_prepared_dataset(tmp_path):
 
 def test_first_per_source_takes_the_first_share_of_each_source_in_file_order():
     sources = ["a"] * 10 + ["b"] * 5 + ["c"] * 5
-    assert analysis.first_per_source(sources, 0.2) == [0, 1, 10, 15]
+    assert heldout_loss.first_per_source(sources, 0.2) == [0, 1, 10, 15]
     # 0.5 of 3 + 3 + 4 = 5: shares 1, 1, 2 (rounded down), and the remaining 1 goes to the first example (in file
     # order) of a source whose share is full, as in the released reformat_tulu_dataset.py
     mixed = ["a", "b", "a", "c", "b", "c", "c", "a", "b", "c"]
-    assert analysis.first_per_source(mixed, 0.5) == [0, 1, 2, 3, 5]
+    assert heldout_loss.first_per_source(mixed, 0.5) == [0, 1, 2, 3, 5]
 
 
 def test_random_sample_is_seeded_and_sized_as_the_released_code():
     examples = [{"messages": [], "dataset": s} for s in SOURCES]
-    a = analysis.sample_heldout(examples, 0.5, "random", seed=1)
-    assert len(a) == 9 and a == sorted(a) == analysis.sample_heldout(examples, 0.5, "random", seed=1)
-    assert a != analysis.sample_heldout(examples, 0.5, "random", seed=2)
+    a = heldout_loss.sample_heldout(examples, 0.5, "random", seed=1)
+    assert len(a) == 9 and a == sorted(a) == heldout_loss.sample_heldout(examples, 0.5, "random", seed=1)
+    assert a != heldout_loss.sample_heldout(examples, 0.5, "random", seed=2)
     # 6 of 18: flan, oasst and lima's shares 2, 2, 1 (rounded down), the remaining one to flan's next example
-    assert analysis.sample_heldout(examples, 1 / 3, "first_per_source", seed=0) == [0, 1, 2, 8, 9, 14]
+    assert heldout_loss.sample_heldout(examples, 1 / 3, "first_per_source", seed=0) == [0, 1, 2, 8, 9, 14]
     with pytest.raises(ValueError, match="heldout_sampling"):
-        analysis.sample_heldout(examples, 0.5, "stratified", seed=0)
+        heldout_loss.sample_heldout(examples, 0.5, "stratified", seed=0)
 
 
 def test_deduplicate_matches_first_user_messages_up_to_case_and_whitespace():
@@ -183,7 +194,7 @@ def test_deduplicate_matches_first_user_messages_up_to_case_and_whitespace():
     candidates = [conversation([("system", "x"), ("user", "WRITE a  haiku about rain.\n"), ("assistant", "y")]),
                   conversation([("user", "Write a haiku about snow."), ("assistant", "y")]),
                   conversation([("user", "Hi"), ("assistant", "y"), ("user", "Tell me a joke"), ("assistant", "z")])]
-    assert analysis.deduplicate(candidates, training) == ([1, 2], [0])  # only first user messages are compared
+    assert heldout_loss.deduplicate(candidates, training) == ([1, 2], [0])  # only first user messages are compared
 
 
 # ------------------------------------------------------------------------------------------ memorisation -----
@@ -206,15 +217,15 @@ class FakeGenerator:
 
 
 def test_bleu_of_a_copy_is_100_and_of_unrelated_text_is_low(tmp_path, llama2):
-    cfg = config(tmp_path)
-    analysis.run_memorization(cfg, tmp_path / "copy", generator=FakeGenerator(llama2, copy=True))
+    cfg = config(tmp_path, "method=base")
+    memorization.run(job(cfg, tmp_path / "copy", "memorization"), generator=FakeGenerator(llama2, copy=True))
     copy = json.loads((tmp_path / "copy" / "memorization" / "summary.json").read_text())
     assert copy["mean_sentence_bleu"] == pytest.approx(100) and copy["corpus_bleu"] == pytest.approx(100)
     assert copy["n"] == len(TRAIN) and copy["skipped_no_user_assistant_pair"] == 0
     assert copy["sentence_signature"] == "nrefs:1|case:mixed|eff:yes|tok:13a|smooth:exp|version:2.6.0"
     assert copy["corpus_signature"] == "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0"
 
-    analysis.run_memorization(cfg, tmp_path / "other", generator=FakeGenerator(llama2, copy=False))
+    memorization.run(job(cfg, tmp_path / "other", "memorization"), generator=FakeGenerator(llama2, copy=False))
     other = json.loads((tmp_path / "other" / "memorization" / "summary.json").read_text())
     assert other["mean_sentence_bleu"] < 5 and other["corpus_bleu"] < 5
     scores = read_jsonl(tmp_path / "other" / "memorization" / "scores.jsonl")
@@ -223,16 +234,16 @@ def test_bleu_of_a_copy_is_100_and_of_unrelated_text_is_low(tmp_path, llama2):
 
 def test_memorization_asks_the_first_instruction_and_scores_the_first_reply(tmp_path):
     examples = [conversation(t) for t in TRAIN] + [conversation([("user", "No answer")])]
-    items, skipped = analysis.memorization_items(examples, limit=None)
+    items, skipped = memorization.memorization_items(examples, limit=None)
     assert skipped == 1 and [i["index"] for i in items] == list(range(len(TRAIN)))
     assert (items[3]["instruction"], items[3]["reference"]) == ("2+2?", "4")  # after a system message
     assert (items[4]["instruction"], items[4]["reference"]) == ("Hi there", "Hello! How can I help?")
-    assert len(analysis.memorization_items(examples, limit=2)[0]) == 2
+    assert len(memorization.memorization_items(examples, limit=2)[0]) == 2
 
 
 def test_memorization_stage_generates_greedily_resumes_and_skips(tmp_path, llama2):
-    cfg = config(tmp_path, "analysis.memorization_limit=3")
-    execute(cfg, tmp_path, ["memorization"])  # the tiny random model, saved by evaluate.checkpoint
+    cfg = config(tmp_path, "method=base", "analysis.memorization_limit=3")
+    execute(cfg, tmp_path, ["memorization"])  # the tiny model as it is (method=base): its random initialisation
     out = tmp_path / "memorization"
     records = read_jsonl(out / "generations.jsonl")
     summary = json.loads((out / "summary.json").read_text())
@@ -244,7 +255,8 @@ def test_memorization_stage_generates_greedily_resumes_and_skips(tmp_path, llama
     (out / "_COMPLETE").rename(out / "_STARTED")  # what begin() left, with the key the work was started under
     (out / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
     fake = FakeGenerator(llama2, copy=True)
-    analysis.run_memorization(cfg, tmp_path, generator=fake)
+    plan = stages.plan(cfg, tmp_path, ["memorization"])
+    memorization.run(Job(cfg, tmp_path, plan.units["memorization"], plan.model), generator=fake)
     assert fake.prompts == 1 and len(read_jsonl(out / "generations.jsonl")) == 3
 
     execute(cfg, tmp_path, ["memorization"])  # generations complete: only the summary and the marker are written
@@ -308,13 +320,12 @@ def test_prepare_keeps_the_configured_subset_and_reports_it(tmp_path):
     data = write_jsonl(tmp_path / "ratios.jsonl", rows)
     cfg = compose_with("data=tulu_v2_ratio5", f"data.path={data}", "model=tiny", "train=smoke",
                        "data.subset.target_ratio=0.9", "data.subset.n=2", "data.subset.tolerance=0.5")
-    prepare.run(cfg, tmp_path / "run")
+    execute(cfg, tmp_path / "run", ["prepare"])
     stats = json.loads((tmp_path / "run" / "prepare" / "data_stats.json").read_text())
     assert stats["subset"]["n"] == 2 and stats["subset"]["examples"] == 6 and stats["length_stats"]["size"] == 2
     assert stats["length_stats"]["instruction"] == pytest.approx((3 + 4) / 2)
     with pytest.raises(ValueError, match="data.limit and data.subset cannot be combined"):
-        prepare.run(compose_with("data=tulu_v2_ratio5", f"data.path={data}", "data.limit=3", "force=true"),
-                    tmp_path / "run2")
+        execute(compose_with("data=tulu_v2_ratio5", f"data.path={data}", "data.limit=3"), tmp_path / "run2", ["prepare"])
 
 
 def test_size_subset_configs_name_their_runs_by_size():

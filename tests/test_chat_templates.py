@@ -124,9 +124,9 @@ def test_golden_supervised_text(tokenizers, name, case, mode):
     tok, messages = tokenizers(name), CASES[case]
     if (name, case) in REFUSED:
         with pytest.raises(ChatTemplateError, match=REFUSED[name, case]):
-            encode(messages, tok, loss=mode, template="chat_template")
+            encode(messages, tok, mask=mode, template="chat_template")
         return
-    enc = encode(messages, tok, loss=mode, template="chat_template")
+    enc = encode(messages, tok, mask=mode, template="chat_template")
     assert enc["input_ids"] == reference_ids(tok, messages)
     assert render(messages, tok, "chat_template").text == tok.apply_chat_template(messages, tokenize=False)
     assert decoded_runs(tok, enc["input_ids"], enc["labels"]) == expected(name, case, mode)
@@ -140,11 +140,11 @@ def test_truncation_through_a_header(tokenizers, name):
     ref = reference_ids(tok, MULTI)
     eot_id = tok.convert_tokens_to_ids(EOT[name])
     first_eot = next(k for k, i in enumerate(ref) if i == eot_id and tok.decode(ref[:k]).endswith("Hello!"))
-    full = encode(MULTI, tok, loss="im", template="chat_template")["labels"]
+    full = encode(MULTI, tok, mask="im", template="chat_template")["labels"]
     next_content = next(k for k in range(first_eot + 1, len(ref)) if full[k] != IGNORE_INDEX)
     cut = min(first_eot + 3, next_content)
     for mode, runs in [("it", ["Hello!" + EOT[name]]), ("im", ["Hi", "Hello!" + EOT[name]])]:
-        enc = encode_full(MULTI, tok, loss=mode, template="chat_template", max_seq_length=cut)
+        enc = encode_full(MULTI, tok, mask=mode, template="chat_template", max_seq_length=cut)
         assert enc.input_ids == ref[:cut] and enc.truncated
         assert decoded_runs(tok, enc.input_ids, enc.labels) == runs
 
@@ -166,7 +166,7 @@ REASONING = [
 
 def test_reasoning_stripped_from_an_earlier_turn_leaves_the_answer_supervised(tokenizers):
     tok = tokenizers("qwen3")  # drops <think>...</think> from assistant turns before the last user query
-    enc = encode(REASONING, tok, loss="im", template="chat_template")
+    enc = encode(REASONING, tok, mask="im", template="chat_template")
     assert enc["input_ids"] == reference_ids(tok, REASONING)
     assert decoded_runs(tok, enc["input_ids"], enc["labels"]) == ["Q1", "A1<|im_end|>", "Q2", "A2<|im_end|>"]
 
@@ -174,13 +174,13 @@ def test_reasoning_stripped_from_an_earlier_turn_leaves_the_answer_supervised(to
 def test_reasoning_split_into_a_think_block_is_refused_naming_the_message(tokenizers):
     tok = tokenizers("qwen3")  # the final turn's reasoning moves into template-built <think>\n...\n</think>
     with pytest.raises(ChatTemplateError, match=r"message 1 \(assistant\).*<think>"):
-        encode(REASONING[:2], tok, loss="im", template="chat_template")
+        encode(REASONING[:2], tok, mask="im", template="chat_template")
 
 
 def test_gemma4_strips_thinking_channels_from_model_turns(tokenizers):
     tok = tokenizers("gemma4")
     messages = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "<|channel>thought\nr<channel|>A1"}]
-    enc = encode(messages, tok, loss="it", template="chat_template")
+    enc = encode(messages, tok, mask="it", template="chat_template")
     assert enc["input_ids"] == reference_ids(tok, messages)
     assert decoded_runs(tok, enc["input_ids"], enc["labels"]) == ["A1<turn|>"]
 
@@ -193,7 +193,7 @@ def test_system_kept_raw_while_user_and_assistant_are_trimmed(tokenizers, name):
         {"role": "user", "content": " Q1 "},
         {"role": "assistant", "content": " A1 "},
     ]
-    enc = encode(messages, tok, loss="im", template="chat_template")
+    enc = encode(messages, tok, mask="im", template="chat_template")
     assert enc["input_ids"] == reference_ids(tok, messages)
     assert decoded_runs(tok, enc["input_ids"], enc["labels"]) == [" S ", "Q1", "A1" + EOT[name]]
 
@@ -224,7 +224,7 @@ def test_invariants_on_random_conversations(tokenizers, name, data, max_len):
     tok = tokenizers(name)
     messages = data.draw(conversation(system=name != "phi3"))  # Phi-3 drops system messages: refused above
     ref = reference_ids(tok, messages)[:max_len]
-    by_mode = {m: encode(messages, tok, loss=m, template="chat_template", max_seq_length=max_len)
+    by_mode = {m: encode(messages, tok, mask=m, template="chat_template", max_seq_length=max_len)
                for m in ("it", "im", "full")}
     for enc in by_mode.values():
         assert enc["input_ids"] == ref
@@ -237,7 +237,7 @@ def test_invariants_on_random_conversations(tokenizers, name, data, max_len):
         everything = "".join(m["content"] + (eot if m["role"] == "assistant" else "") for m in messages)
         assert _squash("".join(decoded_runs(tok, ref, by_mode["it"]["labels"]))) == _squash(outputs)
         assert _squash("".join(decoded_runs(tok, ref, by_mode["im"]["labels"]))) == _squash(everything)
-    weighted = encode(messages, tok, loss="weighted", prompt_loss_weight=0.5, template="chat_template",
+    weighted = encode(messages, tok, mask="weighted", prompt_loss_weight=0.5, template="chat_template",
                       max_seq_length=max_len)["loss_weights"]
     assert {k for k, w in enumerate(weighted) if w == 1.0} == sup["it"]
     assert {k for k, w in enumerate(weighted) if w > 0} == sup["im"]
@@ -249,9 +249,9 @@ def test_invariants_on_random_conversations(tokenizers, name, data, max_len):
 def test_batched_path_equals_per_example(tokenizers, name, data):
     tok = tokenizers(name)
     batch = data.draw(st.lists(conversation(system=name != "phi3"), min_size=1, max_size=4))
-    batched = encode_batch(batch, tok, loss="im", template="chat_template", max_seq_length=64)
+    batched = encode_batch(batch, tok, mask="im", template="chat_template", max_seq_length=64)
     assert [e.as_dict() for e in batched] == [
-        encode(m, tok, loss="im", template="chat_template", max_seq_length=64) for m in batch
+        encode(m, tok, mask="im", template="chat_template", max_seq_length=64) for m in batch
     ]
 
 
@@ -279,11 +279,11 @@ def test_the_untuned_model_is_evaluated_through_the_borrowed_template(tmp_path):
     from tests.conftest import compose_with
     from transformers import AutoTokenizer
 
-    from im_repro.evaluate import checkpoint
+    from im_repro import model
 
     source = ARTIFACTS / "tokenizers" / "llama3_1"
     cfg = compose_with("model=smollm2", f"model.chat_template={source}", "method=base")
-    model_path, tokenizer_path = checkpoint(cfg, tmp_path)
+    model_path, tokenizer_path = model.evaluated(cfg, tmp_path, None).paths(cfg, tmp_path)
     assert model_path == cfg.model.path
     assert AutoTokenizer.from_pretrained(tokenizer_path).chat_template == load("llama3_1").chat_template
 

@@ -16,7 +16,8 @@ import threading
 
 import pytest
 
-from im_repro.data import DataError, load_examples
+from im_repro.common import ChecksumError
+from im_repro.data import load_examples
 from tests.conftest import CONVERSATIONS, REPO, compose_with
 
 
@@ -70,7 +71,7 @@ def test_corrupted_download_is_refused_and_not_cached(server, tmp_path):
     good = CONVERSATIONS.read_bytes()
     (root / "lima_data.jsonl").write_bytes(good[:-100])  # truncated in transit
     cfg = lima_cfg(f"{base}/lima_data.jsonl", hashlib.sha256(good).hexdigest())
-    with pytest.raises(DataError, match=r"sha256 mismatch: .*lima_data.jsonl as downloaded .*not cached"):
+    with pytest.raises(ChecksumError, match=r"sha256 mismatch: .*lima_data.jsonl as downloaded .*not cached"):
         load_examples(cfg, tmp_path / "cache")
     assert not [p for p in (tmp_path / "cache" / "downloads").rglob("*") if p.is_file()]
 

@@ -20,7 +20,7 @@ from im_repro.evaluate import harness
 from tests.conftest import compose_with
 from tests.test_open_ended import INSTRUCTIONS, closed_port, write_mt_bench_files
 
-OFFLINE = ["model=tiny", "eval=smoke"]
+OFFLINE = ["model=tiny", "method=base", "eval=smoke"]  # the tiny model as it is: its random initialisation
 LM_EVAL_TASKS = harness.official_tasks()  # where lm-eval's own task YAMLs are (indexed once)
 
 

@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from im_repro import evaluate
+from im_repro.evaluate import suite as evaluate
+from im_repro.common import UserError
 from im_repro.config import HarnessTask
 from im_repro.evaluate import harness
 from im_repro.run import execute
 from im_repro.runs import StaleOutput
 from tests.conftest import compose_with
 
-OFFLINE = ["model=tiny", "eval=smoke"]
+OFFLINE = ["model=tiny", "method=base", "eval=smoke"]  # the tiny model as it is: its random initialisation
 
 
 def run_eval(tmp_path: Path, *overrides: str, tasks: dict | None = None) -> dict:
@@ -58,7 +59,7 @@ def test_select_by_name_and_category():
     assert set(evaluate.select(benchmarks, ["commonsense"])) == {"wsc273", "winogrande", "arc", "coqa"}
     assert set(evaluate.select(benchmarks, ["arc", "humaneval"])) == {"arc", "humaneval"}
     assert evaluate.select(benchmarks, None) == benchmarks
-    with pytest.raises(ValueError, match=r"\['arcc'\] is neither a benchmark nor a category"):
+    with pytest.raises(UserError, match=r"\['arcc'\] is neither a benchmark nor a category"):
         evaluate.select(benchmarks, ["arcc"])
 
 

@@ -4,10 +4,12 @@ another key is refused (naming each setting, old -> new) or, with force=true, re
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from im_repro import keys
+from im_repro import keys, stages, train
+from im_repro.evaluate.suite import BENCHMARKS
 from im_repro.run import execute
 from im_repro.runs import StaleOutput
 from tests.conftest import compose_with
@@ -22,24 +24,24 @@ NOT_IN_KEYS = {
     "prepare": ("num_proc", "batch_size", "cache_dir"),
     "harness": ("batch_size", "max_batch_size", "log_samples"),
     "humaneval": ("enabled", "workers", "category"),
-    "alpaca_eval": ("enabled", "judge.api_key_env", "judge.max_retries"),
-    "mt_bench": ("enabled", "judge.api_key_env", "judge.max_retries"),
-    "eval": ("generation_batch_size", "only", "checkpoint"),
+    "alpaca_eval": ("enabled", "category", "judge.api_key_env", "judge.max_retries"),
+    "mt_bench": ("enabled", "category", "judge.api_key_env", "judge.max_retries"),
     "analysis": ("batch_size",),
-}
+}  # and eval.generation_batch_size, eval.only: in no key
 
 
 def test_the_settings_left_out_of_the_keys():
-    assert keys.EXCLUDED == NOT_IN_KEYS
+    assert {**keys.EXCLUDED, **{kind: b.excluded for kind, b in BENCHMARKS.items()}} == NOT_IN_KEYS
 
 
 def train_key(*overrides):
-    return keys.digest(keys.train_settings(compose_with("model=tiny", "train=smoke", *overrides)))
+    return keys.digest(train.settings(compose_with("model=tiny", "train=smoke", *overrides)))
 
 
 def arc_key(*overrides):
-    cfg = compose_with("model=tiny", "eval=smoke", *overrides)
-    return keys.digest(keys.benchmark_settings(cfg, "arc_easy", None))
+    cfg = compose_with("model=tiny", "method=base", "eval=smoke", *overrides)
+    (unit,) = [u for u in stages.plan(cfg, Path("run"), ["eval"]).units["eval"] if u.path.name == "arc_easy"]
+    return unit.key
 
 
 @pytest.mark.parametrize("setting", ["train.logging_steps=7", "train.report_to=[wandb]", "train.save_steps=9",
@@ -75,7 +77,8 @@ def test_run_directory_name():
                        hydra=True)
     name = cfg.hydra.run.dir.split("/")[-1]
     assert cfg.hydra.run.dir == f"runs/{name}"  # one store, whatever the experiment
-    assert name == f"alpagasus_3k_dolly__smollm2__weighted0.5__smoke__seed3__{keys.run_id(cfg)}"
+    assert name == f"alpagasus_3k_dolly__smollm2__weighted0.5__smoke__seed3__{stages.run_name(cfg)[-6:]}"
+    assert stages.run_name(cfg)[-6:] == keys.digest(train.settings(cfg, contents=False))[:6]
     assert compose_with("experiment=table1", "method=base", hydra=True).hydra.run.dir.startswith(
         "runs/base__llama2_7b__seed42__")
 

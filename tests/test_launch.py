@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from im_repro import launch
+from im_repro import launch, stages
+from im_repro.common import UserError
 from tests.conftest import REPO, compose_with
 
 TABLE1_DATA = {"lima", "less_mmlu_chat", "less_bbh_icl", "less_tydiqa", "alpagasus_3k_dolly", "alpagasus_9k_dolly",
@@ -49,16 +50,16 @@ def test_plw_dry_run_sweeps_the_prompt_loss_weight(tmp_path):
     assert any(line.startswith("report plw") and "after the 12 runs" in line for line in lines)
     assert not list(tmp_path.glob("*/manifest.json"))
     # WIT's normalisation is a training setting: each weight's run under it has its own key
-    other = dry_run(tmp_path, "experiment=plw", "method.normalize=nonzero_tokens")
+    other = dry_run(tmp_path, "experiment=plw", "method.reduction=per_example_nonzero")
     assert {line.split()[0] for line in other[1:] if "__llama2_7b__" in line}.isdisjoint(j[0] for j in jobs)
 
 
 def test_dry_run_marks_finished_stages_and_estimates_gpu_hours(tmp_path):
-    from im_repro import runs
+    from im_repro import stages
 
     cfg = compose_with("model=llama2_7b", "stages=[prepare,train,eval]", "experiment=x", "train.epochs=2")
     run = tmp_path / "lima__llama2_7b__im__paper__seed42__abcdef"
-    prepare = runs.units(cfg, run, ["prepare"])["prepare"][0]
+    prepare = stages.plan(cfg, run, ["prepare"]).units["prepare"][0]
     prepare.begin(fresh=True)
     (run / "prepare" / "data_stats.json").write_text('{"tokenization": {"tokens": {"total": 1000000}}}')
     prepare.finish({})
@@ -110,14 +111,14 @@ def test_slurm_phases_run_their_stages_on_their_resources():
         cfg = compose_with("hydra/launcher=slurm", f"launch.phase={phase}", hydra=True)
         assert (cfg.hydra.launcher.gpus_per_node, cfg.hydra.launcher.timeout_min) == (gpus, minutes)
     cfg = compose_with("stages=[prepare,train,eval,memorization]", "launch.phase=eval")
-    assert launch.stages_of(cfg) == ["eval", "memorization"]
-    with pytest.raises(ValueError, match="launch.phase='test'"):
-        launch.stages_of(compose_with("launch.phase=test"))
+    assert stages.of_phase(cfg) == ["eval", "memorization"]
+    with pytest.raises(UserError, match="launch.phase='test'"):
+        stages.of_phase(compose_with("launch.phase=test"))
 
 
 def test_base_method_evaluates_the_untuned_model_only():
     cfg = compose_with("experiment=table1", "method=base")
-    assert launch.stages_of(cfg) == ["eval"]
+    assert stages.of_phase(cfg) == ["eval"]
     from im_repro import report
 
     run = report.collect.Run(Path("x"), None, {"method": {"name": "base"}, "data": {"name": "lima"}})

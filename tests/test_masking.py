@@ -51,12 +51,12 @@ def supervised_tokens(tokenizer, enc: dict) -> list[str]:
 def test_golden_supervised_tokens(request, name, case, mode):
     tok = request.getfixturevalue(name)
     expected = [tok.eos_token if t == "E" else t.replace("_", SPACE[name]) for t in GOLDEN[case, mode]]
-    assert supervised_tokens(tok, encode(CASES[case], tok, loss=mode)) == expected
+    assert supervised_tokens(tok, encode(CASES[case], tok, mask=mode)) == expected
 
 
 def test_llama2_ids_are_the_papers(llama2):
     """PAPER.md §5.1 lists these ids, checked with an independent port of the Llama-2 vocabulary."""
-    enc = encode(SINGLE, llama2, loss="it")
+    enc = encode(SINGLE, llama2, mask="it")
     assert enc["input_ids"][:7] == [1, 529, 29989, 1792, 29989, 29958, 13]  # <s> <|user|>\n
     # The in-context assistant header has no "▁" before "<" (29966, not 529): why the released search fails.
     assert enc["input_ids"][12:19] == [29966, 29989, 465, 22137, 29989, 29958, 13]
@@ -65,7 +65,7 @@ def test_llama2_ids_are_the_papers(llama2):
 def test_input_ids_equal_the_tokenizers_own_encoding(any_tokenizer):
     for messages in CASES.values():
         text = render(messages, any_tokenizer).text
-        assert encode(messages, any_tokenizer, loss="im")["input_ids"] == any_tokenizer(text)["input_ids"]
+        assert encode(messages, any_tokenizer, mask="im")["input_ids"] == any_tokenizer(text)["input_ids"]
 
 
 def test_rendering_is_the_papers_tulu_format(llama2):
@@ -78,37 +78,37 @@ def test_rendering_is_the_papers_tulu_format(llama2):
 @pytest.mark.parametrize("mode", ["it", "im"])
 def test_truncation_through_a_header(llama2, mode):
     """Cut inside "<|assistant|>\\n": IT has nothing left to learn, IM keeps the instruction."""
-    full = encode(SINGLE, llama2, loss=mode)
-    enc = encode_full(SINGLE, llama2, loss=mode, max_seq_length=14)
+    full = encode(SINGLE, llama2, mask=mode)
+    enc = encode_full(SINGLE, llama2, mask=mode, max_seq_length=14)
     assert enc.input_ids == full["input_ids"][:14] and enc.truncated
     assert enc.num_supervised == (0 if mode == "it" else 4)
 
 
 def test_full_mode_supervises_everything(gpt2):
-    enc = encode(MULTI, gpt2, loss="full")
+    enc = encode(MULTI, gpt2, mask="full")
     assert enc["labels"] == enc["input_ids"]
 
 
 def test_weighted_interpolates_between_it_and_im(llama2):
-    it, im = encode(MULTI, llama2, loss="it"), encode(MULTI, llama2, loss="im")
+    it, im = encode(MULTI, llama2, mask="it"), encode(MULTI, llama2, mask="im")
     for w, same_as in [(0.0, it), (1.0, im)]:
-        enc = encode(MULTI, llama2, loss="weighted", prompt_loss_weight=w)
+        enc = encode(MULTI, llama2, mask="weighted", prompt_loss_weight=w)
         supervised = [label if weight > 0 else IGNORE_INDEX for label, weight in zip(enc["labels"], enc["loss_weights"])]
         assert supervised == same_as["labels"]
-    enc = encode(MULTI, llama2, loss="weighted", prompt_loss_weight=0.25)
+    enc = encode(MULTI, llama2, mask="weighted", prompt_loss_weight=0.25)
     weights = dict(zip(supervised_tokens(llama2, enc), [w for k, w in enumerate(enc["loss_weights"]) if k and enc["labels"][k] != -100]))
     assert weights["Hi"] == 0.25 and weights["Hello"] == 1.0 and weights["</s>"] == 1.0
 
 
 def test_bad_settings_fail_clearly(llama2, smollm2):
     with pytest.raises(ValueError, match="prompt_loss_weight"):
-        encode(SINGLE, llama2, loss="weighted", prompt_loss_weight=1.5)
-    with pytest.raises(ValueError, match="only used with loss=weighted"):
-        encode(SINGLE, llama2, loss="im", prompt_loss_weight=0.5)
-    with pytest.raises(ValueError, match="unknown loss mode"):
-        encode(SINGLE, llama2, loss="lm")
+        encode(SINGLE, llama2, mask="weighted", prompt_loss_weight=1.5)
+    with pytest.raises(ValueError, match="only used with mask=weighted"):
+        encode(SINGLE, llama2, mask="im", prompt_loss_weight=0.5)
+    with pytest.raises(ValueError, match="unknown mask mode"):
+        encode(SINGLE, llama2, mask="lm")
     with pytest.raises(ValueError, match="template=tulu"):
-        encode(SINGLE, smollm2, loss="im_released", template="chat_template")
+        encode(SINGLE, smollm2, mask="im_released", template="chat_template")
 
 
 # ----------------------------------------------------------------------------- the released IM mask --------
@@ -116,7 +116,7 @@ def test_bad_settings_fail_clearly(llama2, smollm2):
 
 def test_im_released_trains_on_what_im_does_not(llama2):
     """PAPER.md §5.1: only the leading "<s><|user|>\\n" matches, so every later header and separator is trained on."""
-    released, im = encode(MULTI, llama2, loss="im_released"), encode(MULTI, llama2, loss="im")
+    released, im = encode(MULTI, llama2, mask="im_released"), encode(MULTI, llama2, mask="im")
     assert released["input_ids"] == im["input_ids"]
     assert released["labels"][:7] == [IGNORE_INDEX] * 7
     only_released = [
@@ -131,7 +131,7 @@ def test_im_released_trains_on_what_im_does_not(llama2):
 
 
 def test_im_released_with_a_system_message_masks_only_the_system_header(llama2):
-    labels = encode(SYSTEM, llama2, loss="im_released")["labels"]
+    labels = encode(SYSTEM, llama2, mask="im_released")["labels"]
     assert labels[:7] == [IGNORE_INDEX] * 7 and IGNORE_INDEX not in labels[7:]
 
 
@@ -139,7 +139,7 @@ def test_im_released_with_a_system_message_masks_only_the_system_header(llama2):
 
 
 def test_chat_template_matches_apply_chat_template(smollm2):
-    enc = encode_full(MULTI, smollm2, loss="im", template="chat_template")
+    enc = encode_full(MULTI, smollm2, mask="im", template="chat_template")
     assert enc.input_ids == list(smollm2.apply_chat_template(MULTI, tokenize=True)["input_ids"])
     sup = supervised_tokens(smollm2, enc.as_dict())
     assert sup == ["Hi", "Hello", "!", "<|im_end|>", "By", "e", "C", "iao", "<|im_end|>"]  # not the default system prompt
@@ -151,13 +151,13 @@ def test_chat_template_matches_apply_chat_template(smollm2):
 def test_slow_sentencepiece_fallback_agrees_with_fast(llama2, llama2_slow):
     assert not llama2_slow.is_fast
     for mode in ("it", "im"):
-        slow, fast = encode(SINGLE, llama2_slow, loss=mode), encode(SINGLE, llama2, loss=mode)
+        slow, fast = encode(SINGLE, llama2_slow, mask=mode), encode(SINGLE, llama2, mask=mode)
         assert slow == fast
 
 
 def test_slow_legacy_tokenizer_keeps_its_quirk_and_masks_right(llama2_slow):
     """The legacy slow tokenizer puts "▁" after "</s>" (PAPER.md §5.6): it is template, never supervised."""
-    enc = encode(MULTI, llama2_slow, loss="im")
+    enc = encode(MULTI, llama2_slow, mask="im")
     tokens = llama2_slow.convert_ids_to_tokens(enc["input_ids"])
     assert tokens[tokens.index("</s>") + 1] == "▁"
     assert supervised_tokens(llama2_slow, enc) == ["Hi", "Hello", "!", "</s>", "By", "e", "C", "iao", "</s>"]
@@ -217,7 +217,7 @@ def test_invariants_on_random_conversations(tokenizer_incl_slow, messages, max_l
     tok = tokenizer_incl_slow
     text = render(messages, tok).text
     expected_ids = tok(text)["input_ids"][:max_len]
-    by_mode = {m: encode(messages, tok, loss=m, max_seq_length=max_len) for m in ("it", "im", "full", "im_released")}
+    by_mode = {m: encode(messages, tok, mask=m, max_seq_length=max_len) for m in ("it", "im", "full", "im_released")}
     for enc in by_mode.values():
         assert enc["input_ids"] == expected_ids
         assert all(label in (i, IGNORE_INDEX) for i, label in zip(enc["input_ids"], enc["labels"]))
@@ -234,7 +234,7 @@ def test_invariants_on_random_conversations(tokenizer_incl_slow, messages, max_l
         assert _squash(_decoded_runs(tok, ids, by_mode["it"]["labels"])) == _squash(outputs)
         assert _squash(_decoded_runs(tok, ids, by_mode["im"]["labels"])) == _squash(everything)
     for w in (0.0, 0.5, 1.0):
-        enc = encode(messages, tok, loss="weighted", prompt_loss_weight=w, max_seq_length=max_len)
+        enc = encode(messages, tok, mask="weighted", prompt_loss_weight=w, max_seq_length=max_len)
         weights = enc["loss_weights"]
         assert set(weights) <= {0.0, w, 1.0}
         assert {k for k, x in enumerate(weights) if x == 1.0} >= sup["it"] - {0}
@@ -243,8 +243,8 @@ def test_invariants_on_random_conversations(tokenizer_incl_slow, messages, max_l
 @settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.lists(conversation, min_size=1, max_size=5))
 def test_batched_path_equals_per_example(any_tokenizer, batch):
-    batched = encode_batch(batch, any_tokenizer, loss="im", max_seq_length=64)
-    assert [e.as_dict() for e in batched] == [encode(m, any_tokenizer, loss="im", max_seq_length=64) for m in batch]
+    batched = encode_batch(batch, any_tokenizer, mask="im", max_seq_length=64)
+    assert [e.as_dict() for e in batched] == [encode(m, any_tokenizer, mask="im", max_seq_length=64) for m in batch]
 
 
 @pytest.mark.parametrize("name", ["llama2", "llama2_slow", "gpt2"])
@@ -253,7 +253,7 @@ def test_characters_spelled_by_several_byte_tokens_stay_whole(request, name):
     tok = request.getfixturevalue(name)
     messages = [{"role": "user", "content": "🙂"}, {"role": "assistant", "content": "ok 🙂"}]
     for mode, expected in [("it", "ok 🙂"), ("im", "🙂ok 🙂")]:
-        enc = encode(messages, tok, loss=mode)
+        enc = encode(messages, tok, mask=mode)
         positions = [k for k, label in enumerate(enc["labels"]) if k and label != IGNORE_INDEX]
         assert _squash(_decoded_runs(tok, enc["input_ids"], enc["labels"])) == _squash(expected + tok.eos_token)
         if mode == "it":  # one contiguous run: no byte token of the emoji left out

@@ -8,7 +8,7 @@ import json
 import datasets
 import pytest
 
-from im_repro import prepare
+from im_repro.run import execute
 from tests.conftest import compose_with
 
 MAX_LEN = 64
@@ -35,8 +35,8 @@ def files(tmp_path, monkeypatch, llama2):
 
 
 def prepared(run_dir, path, *overrides):
-    prepare.run(compose_with("data=lima", f"data.path={path}", "model=tiny", f"train.max_seq_length={MAX_LEN}",
-                             *overrides), run_dir)
+    execute(compose_with("data=lima", f"data.path={path}", "model=tiny", f"train.max_seq_length={MAX_LEN}",
+                         *overrides), run_dir, ["prepare"])
     return datasets.load_from_disk(str(run_dir / "prepare" / "dataset")), stats_of(run_dir)
 
 
@@ -44,10 +44,10 @@ def stats_of(run_dir) -> dict:
     return json.loads((run_dir / "prepare" / "data_stats.json").read_text())
 
 
-@pytest.mark.parametrize("loss", ["it", "im", "im_released", "full", "weighted"])
-def test_output_less_examples_are_dropped_in_every_mode(tmp_path, files, loss):
-    extra = ("method.prompt_loss_weight=0.5",) if loss == "weighted" else ()
-    ds, stats = prepared(tmp_path, files["mixed"], f"method={loss}", *extra)
+@pytest.mark.parametrize("mask", ["it", "im", "im_released", "full", "weighted"])
+def test_output_less_examples_are_dropped_in_every_mode(tmp_path, files, mask):
+    extra = ("method.prompt_loss_weight=0.5",) if mask == "weighted" else ()
+    ds, stats = prepared(tmp_path, files["mixed"], f"method={mask}", *extra)
     tok = stats["tokenization"]
     assert sorted(ds["id"]) == ["0", "1", "2"]
     assert tok["dropped_truncated_no_output"] == 2 and tok["dropped_no_supervision"] == 0 and tok["kept"] == 3

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from im_repro import rebuild
-from im_repro.data import file_sha256
+from im_repro.common import file_sha256
 from im_repro.rebuild import WITH_INPUT, WITHOUT_INPUT, build, template_stream
 
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "data" / "paper"

@@ -12,7 +12,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from im_repro import report
-from im_repro.config import ReportConfig
+from im_repro.config import HarnessTask, ReportConfig
+from im_repro.evaluate import harness, suite
+from tests.conftest import compose_with
 
 MODEL = "llama2_7b"
 # The eval suite: benchmark -> Table 1 category, as eval/suite.json records it.
@@ -46,6 +48,28 @@ def write(path: Path, obj) -> None:
     path.write_text(json.dumps(obj))
 
 
+def manifest(run: Path, config: dict, overrides: list[str], stages: dict, status: str = "done") -> None:
+    """A manifest.json as runs.Manifest writes it: one invocation."""
+    write(run / "manifest.json", {"run": run.name, "invocations": [{
+        "status": status, "overrides": overrides, "config": config, "stages": stages,
+        "git": {"commit": "0123456789abcdef", "dirty": True},
+        "packages": {"torch": "2.13.0+cpu", "transformers": "5.23.0", "lm-eval": "0.4.13"}}]})
+
+
+def suite_json(categories: dict[str, str], metric: str = "acc,none") -> dict:
+    """eval/<suite>/suite.json as the eval stage records it: the registered benchmarks' own entries; any other name
+    an lm-eval task of that category."""
+    paper = suite.suite(compose_with("eval=paper"))
+
+    def lm_eval_entry(name: str, category: str) -> dict:
+        tasks = {"harness": {"tasks": {name: HarnessTask(task=name, metric=metric, category=category)}}}
+        return harness.BENCHMARK.entry(OmegaConf.create(tasks), name)
+
+    return {"suite": "paper", "benchmarks": {
+        name: paper[name] if name in ("humaneval", "alpaca_eval", "mt_bench") else lm_eval_entry(name, category)
+        for name, category in categories.items()}}
+
+
 def make_run(root: Path, dataset: str, loss: str, *, scores: dict | None = None, missing: dict | None = None,
              failed: str | None = None, stats: dict | None = None, curve: bool = False) -> Path:
     """A run directory as the pipeline leaves it: manifest, prepare stats, train log, eval metrics and suite."""
@@ -54,17 +78,11 @@ def make_run(root: Path, dataset: str, loss: str, *, scores: dict | None = None,
               else {"status": "done"}}
     if scores is not None:
         stages["eval"] = {"status": "done"}
-    write(run / "manifest.json", {
-        "status": "failed" if failed else "done",
-        "overrides": [f"data={dataset}", f"method={loss}", "experiment=synth"],
-        "config": {"data": {"name": dataset, "limit": None}, "model": {"name": MODEL},
-                   "method": {"name": loss, "loss": loss}, "train": {"neftune_alpha": None, "kl": {"mode": "none"}},
-                   "eval": {"name": "paper"},
-                   "seed": 42, "experiment": "synth", "stages": ["prepare", "train", "eval"]},
-        "git": {"commit": "0123456789abcdef", "dirty": True},
-        "packages": {"torch": "2.13.0+cpu", "transformers": "5.23.0", "lm-eval": "0.4.13"},
-        "stages": stages,
-    })
+    manifest(run, {"data": {"name": dataset, "limit": None}, "model": {"name": MODEL},
+                   "method": {"name": loss, "mask": loss}, "train": {"neftune_alpha": None, "kl": {"mode": "none"}},
+                   "eval": {"name": "paper"}, "seed": 42, "experiment": "synth",
+                   "stages": ["prepare", "train", "eval"]},
+             [f"data={dataset}", f"method={loss}", "experiment=synth"], stages, "failed" if failed else "done")
     write(run / "prepare" / "data_stats.json", {"length_stats": stats or LIMA_STATS})
     if curve:
         records = [{"step": s, "epoch": s / 4, "loss": 2.0 - s / 10, "output_loss": 2.0 - s / 10,
@@ -73,10 +91,7 @@ def make_run(root: Path, dataset: str, loss: str, *, scores: dict | None = None,
         (run / "train" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if scores is not None:
         write(run / "eval" / "paper" / "metrics.json", {**scores, "missing": missing or {}})
-        write(run / "eval" / "paper" / "suite.json", {"suite": "paper", "checkpoint": str(run / "train" / "final"),
-                                            "benchmarks": {b: {"kind": "harness", "category": c,
-                                                               "higher_is_better": True}
-                                                           for b, c in SUITE.items()}})
+        write(run / "eval" / "paper" / "suite.json", suite_json(SUITE))
     return run
 
 
@@ -230,9 +245,9 @@ def test_loss_table_and_histograms(tmp_path: Path):
     root = tmp_path / "runs" / "synth"
     for loss, (train, test) in {"it": (1.37, 1.32), "im": (1.45, 1.17)}.items():
         run = make_run(root, "lima", loss)
-        write(run / "loss" / "summary.json", {"train": {"mean": train, "n": 2}, "test": {"mean": test, "n": 2}})
+        write(run / "heldout_loss" / "summary.json", {"train": {"mean": train, "n": 2}, "test": {"mean": test, "n": 2}})
         for split, mean in (("train", train), ("test", test)):
-            (run / "loss" / f"{split}.jsonl").write_text(
+            (run / "heldout_loss" / f"{split}.jsonl").write_text(
                 "".join(json.dumps({"loss": mean + d}) + "\n" for d in (-0.1, 0.1)))
     summary = run_report(tmp_path, tables=["losses"], figures=["loss_histograms"])
     assert set(summary["written"]) == {"losses", "loss_histograms"}
@@ -245,9 +260,9 @@ def test_seeds_are_reported_as_mean_std_and_count(tmp_path: Path):
     root = tmp_path / "runs" / "synth"
     for seed, shift in ((1, -1.0), (2, 0.0), (3, 1.0)):
         run = make_run(root, "lima", "it", scores={k: v + shift for k, v in IT_SCORES.items()})
-        manifest = json.loads((run / "manifest.json").read_text())
-        manifest["config"]["seed"] = seed
-        write(run / "manifest.json", manifest)
+        record = json.loads((run / "manifest.json").read_text())
+        record["invocations"][0]["config"]["seed"] = seed
+        write(run / "manifest.json", record)
         run.rename(root / f"lima__{MODEL}__it__seed{seed}")
     run_report(tmp_path, tables=["table1"])
     row = read_csv(tmp_path / "out" / "table1.csv")[0]
@@ -275,16 +290,14 @@ def make_item_run(root: Path, method: str, seed: int, correct: dict[str, "np.nda
     import numpy as np
 
     run = root / f"lima__{MODEL}__{method}__seed{seed}"
-    loss = "weighted" if weight is not None else method
+    mask = "weighted" if weight is not None else method
     where = run / "eval" / "paper"
-    write(run / "manifest.json", {
-        "status": "done", "overrides": [f"method={method}", f"seed={seed}"],
-        "config": {"data": {"name": "lima", "limit": None}, "model": {"name": MODEL},
-                   "method": {"name": method, "loss": loss, "prompt_loss_weight": weight},
+    manifest(run, {"data": {"name": "lima", "limit": None}, "model": {"name": MODEL},
+                   "method": {"name": method, "mask": mask, "prompt_loss_weight": weight},
                    "train": {"neftune_alpha": None, "kl": {"mode": "none"}},
                    "eval": {"name": "paper"}, "seed": seed, "experiment": "synth"},
-        "git": {"commit": "0123456789abcdef", "dirty": False}, "packages": {},
-        "stages": {"prepare": {"status": "done"}, "train": {"status": "done"}, "eval": {"status": "done"}}})
+             [f"method={method}", f"seed={seed}"],
+             {"prepare": {"status": "done"}, "train": {"status": "done"}, "eval": {"status": "done"}})
     metrics = {}
     for task, right in correct.items():
         acc = float(np.mean(right))
@@ -296,8 +309,7 @@ def make_item_run(root: Path, method: str, seed: int, correct: dict[str, "np.nda
         write(where / task / "results.json",
               {"results": {task: {"acc,none": acc, "acc_stderr,none": stderr}}})
     write(where / "metrics.json", {**metrics, "missing": {}})
-    write(where / "suite.json", {"suite": "paper", "benchmarks": {
-        t: {"kind": "harness", "category": c, "metric": "acc,none", "scale": 1.0} for t, c in CATEGORY_OF.items()}})
+    write(where / "suite.json", suite_json(CATEGORY_OF))
 
 
 def test_table1_over_two_methods_and_two_seeds_carries_uncertainty(tmp_path):

@@ -28,7 +28,7 @@ def choices(group: str) -> list[str]:
 def test_every_config_composes_and_resolves(group, choice):
     cfg = compose_with(f"{group}={choice}")
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert resolved["data"]["name"] and resolved["model"]["path"] and resolved["method"]["loss"]
+    assert resolved["data"]["name"] and resolved["model"]["path"] and "mask" in resolved["method"]
 
 
 def test_misspelt_key_fails_at_start_up():
@@ -38,7 +38,7 @@ def test_misspelt_key_fails_at_start_up():
     with pytest.raises((ConfigCompositionException, ValidationError, ConfigKeyError)):
         compose_with("data.on_invalid=ignore")
     with pytest.raises((ConfigCompositionException, ValidationError)):
-        compose_with("method.loss=it_im")
+        compose_with("method.mask=it_im")
 
 
 def im_repro(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -68,7 +68,7 @@ def test_prepare_end_to_end(tmp_path):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     first = manifest["invocations"][0]
     assert first["status"] == "done" and first["stages"]["prepare"]["status"] == "done"
-    assert first["config"]["method"]["loss"] == "it" and first["packages"]["transformers"]
+    assert first["config"]["method"]["mask"] == "it" and first["packages"]["transformers"]
     assert "commit" in first["git"] and f"data.path={CONVERSATIONS}" in first["overrides"]
 
     again = im_repro(*args, cwd=tmp_path)  # complete: reused, not redone
@@ -91,32 +91,49 @@ def test_unknown_stage_is_refused(tmp_path):
     assert proc.returncode != 0 and "unknown ['trian']" in proc.stderr
 
 
+@pytest.mark.parametrize("old,new", [
+    ("method.loss=im", "use method.mask"), ("train.loss_normalization=per_token", "use method.reduction"),
+    ("+method.normalize=nonzero_tokens", "use method.reduction"), ("stages=[prepare,loss]", "renamed heldout_loss"),
+    ("skip_stages=[train]", "method=base"),
+])
+def test_a_renamed_key_is_named_with_its_new_name(old, new):
+    from im_repro.config import renamed
+
+    assert new in renamed([old]) and renamed(["method.mask=im", "stages=[prepare,heldout_loss]"]) is None
+
+
+def test_a_renamed_key_fails_at_start_up(tmp_path):
+    proc = im_repro("method=weighted", "method.normalize=nonzero_tokens", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert proc.returncode != 0 and "method.normalize was renamed; use method.reduction" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
+
+
 def test_prepare_with_workers_equals_one_process_and_reuses_its_cache(tmp_path, monkeypatch):
     import datasets
 
-    from im_repro import prepare
+    from im_repro.run import execute
 
     monkeypatch.setenv("IM_REPRO_CACHE", str(tmp_path / "cache"))
     out = {}
     for procs in (1, 2):
         cfg = compose_with("data=lima", f"data.path={CONVERSATIONS}", "model=tiny", "method=im",
                            f"prepare.num_proc={procs}", "prepare.batch_size=4")
-        prepare.run(cfg, tmp_path / f"p{procs}")
+        execute(cfg, tmp_path / f"p{procs}", ["prepare"])
         out[procs] = datasets.load_from_disk(str(tmp_path / f"p{procs}" / "prepare" / "dataset")).to_dict()
     assert out[1] == out[2]
     cached = list((tmp_path / "cache" / "prepare").glob("*/encoded*.arrow"))
     assert len({p.parent for p in cached}) == 1  # one key: same data, tokenizer, template, mode, length
 
     cfg = compose_with("data=lima", f"data.path={CONVERSATIONS}", "model=tiny", "method=it")
-    prepare.run(cfg, tmp_path / "it")  # another mode: another cache entry
+    execute(cfg, tmp_path / "it", ["prepare"])  # another mode: another cache entry
     assert len({p.parent for p in (tmp_path / "cache" / "prepare").glob("*/encoded*.arrow")}) == 2
 
 
-def test_inspect_colours_tokens_and_writes_html(tmp_path, capsys):
-    from im_repro import inspect
+def test_show_tokens_colours_tokens_and_writes_html(tmp_path, capsys):
+    from im_repro import show_tokens
 
     page = tmp_path / "x.html"
-    inspect.main(["--index", "3", "--html", str(page), "data=lima", f"data.path={CONVERSATIONS}",
+    show_tokens.main(["--index", "3", "--html", str(page), "data=lima", f"data.path={CONVERSATIONS}",
                   "model=tiny", "method=im"])
     printed = capsys.readouterr().out
     assert "lima[3] method=im" in printed and "\x1b[32;4;1m" in printed  # an output token, supervised

@@ -4,7 +4,6 @@ pass@k estimator, scipy's own bootstrap and curve_fit, and the statistics module
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from scipy import stats as sps
 
 from im_repro import stats
 from im_repro.config import StatsConfig
+from im_repro.evaluate import alpaca, harness, humaneval, mtbench, suite
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -94,14 +94,6 @@ def test_bootstrap_stderr_of_a_mean_is_the_plug_in_one():
     assert stats.bootstrap_stderr(x) == pytest.approx(np.std(x) / np.sqrt(x.size), rel=0.03)
 
 
-def test_across_seeds_matches_the_statistics_module():
-    values = [48.1, 49.6, 47.9]
-    spread = stats.across_seeds(values)
-    assert (spread.mean, spread.std, spread.n) == (pytest.approx(statistics.mean(values)),
-                                                   pytest.approx(statistics.stdev(values)), 3)
-    assert np.isnan(stats.across_seeds([50.0]).std)
-
-
 def test_quadratic_fit_recovers_known_coefficients():
     w = np.repeat([0, 0.01, 0.05, 0.1, 0.5, 1.0], 2)  # the plw sweep, two seeds
     exact = stats.quadratic_fit(w, -8 * w**2 + 3 * w + 50)
@@ -134,7 +126,7 @@ def test_alpaca_items_give_alpaca_evals_win_rate_and_standard_error(tmp_path):
     rows = [{"instruction": f"i{k}", "preference": p} for k, p in enumerate(preferences)]
     (tmp_path / "v1.0" / "alpaca_eval_gpt4").mkdir(parents=True)  # judge.kind=openai: the annotator's folder
     (tmp_path / "v1.0" / "alpaca_eval_gpt4" / "annotations.json").write_text(json.dumps(rows))
-    items = stats.alpaca_items(tmp_path / "v1.0")
+    items = alpaca.items(tmp_path / "v1.0")
     official = get_winrate(pd.DataFrame(rows).astype({"preference": float}))
     assert len(items) == official["n_total"] == 6
     assert np.mean(list(items.values())) == pytest.approx(official["win_rate"])
@@ -149,22 +141,20 @@ def test_humaneval_items_give_the_official_pass_at_k(tmp_path):
                                                    "results": [{"passed": p} for p in ps]}
                                                   for i, ps in enumerate(passed)])
     for k in (1, 2):
-        items = stats.humaneval_items(tmp_path, 0.7, k)
+        items = humaneval.items(tmp_path, 0.7, k)
         official = estimate_pass_at_k([4] * 3, [sum(ps) for ps in passed], k)
         assert list(items.values()) == pytest.approx(list(100 * official))
 
 
 def test_mt_bench_items_average_to_the_pooled_score(tmp_path):
-    from im_repro.evaluate.mtbench import summarize
-
     scores = {(81, 1): 8, (81, 2): 6, (82, 1): 3, (82, 2): -1, (83, 1): 10, (83, 2): 9, (84, 1): -1, (84, 2): -1}
     records = [{"question_id": q, "turn": t, "score": s} for (q, t), s in scores.items()]
     write_jsonl(tmp_path / "judge_single.jsonl", records)
-    metrics, _ = summarize(records)
+    metrics, _ = mtbench.summarize(records)
     for turn, key in [(None, "score"), (1, "turn1"), (2, "turn2")]:
-        items = stats.mt_bench_items(tmp_path / "judge_single.jsonl", turn)
+        items = mtbench.items(tmp_path / "judge_single.jsonl", turn)
         assert np.mean(list(items.values())) == pytest.approx(metrics[f"mt_bench/{key}"])
-    assert set(stats.mt_bench_items(tmp_path / "judge_single.jsonl")) == {"81", "82", "83"}  # 84: nothing parsed
+    assert set(mtbench.items(tmp_path / "judge_single.jsonl")) == {"81", "82", "83"}  # 84: nothing parsed
 
 
 def samples_folder(folder: Path, tasks: dict[str, list[float]], groups: dict | None = None,
@@ -182,21 +172,19 @@ def samples_folder(folder: Path, tasks: dict[str, list[float]], groups: dict | N
 
 
 def test_harness_items_of_a_tag_average_to_the_reported_score(tmp_path):
-    from im_repro.evaluate import harness
-
     spec = OmegaConf.create({"task": "ai2_arc", "metric": "acc,none", "scale": 1.0, "data_files": None})
     tasks = {"arc_easy": [1, 1, 0, 1, 0, 1], "arc_challenge": [0, 1]}
     # a tag: lm-eval reports the members only, and the eval stage aggregates them as lm-eval's groups did
     results = samples_folder(tmp_path / "arc", tasks)
     value, how = harness.score(results, "arc", spec)
     assert how.startswith("size-weighted")
-    assert np.mean(list(stats.harness_items(tmp_path / "arc", "acc,none").values())) == pytest.approx(value)
+    assert np.mean(list(harness.items(tmp_path / "arc", "acc,none").values())) == pytest.approx(value)
     plain, how = harness.score(results, "arc", spec, weight_by_size=False)
     samples_folder(tmp_path / "plain", tasks, aggregation=how)
     assert plain != pytest.approx(value)
-    assert np.mean(list(stats.harness_items(tmp_path / "plain", "acc,none").values())) == pytest.approx(plain)
+    assert np.mean(list(harness.items(tmp_path / "plain", "acc,none").values())) == pytest.approx(plain)
     results = samples_folder(tmp_path / "group", tasks, groups={"ai2_arc": {"acc,none": 5 / 8}})
-    items = stats.harness_items(tmp_path / "group", "acc,none")
+    items = harness.items(tmp_path / "group", "acc,none")
     assert np.mean(list(items.values())) == pytest.approx(harness.score(results, "arc", spec)[0])
 
 
@@ -214,24 +202,25 @@ def test_harness_stderr_of_a_tag_follows_its_aggregation(tmp_path):
     sizes = [len(v) for v in tasks.values()]
     weights = [aggregate_subtask_metrics([1.0 if i == j else 0.0 for j in range(2)], sizes, True) for i in range(2)]
     expected = 100 * np.sqrt(sum((w * se[t]) ** 2 for w, t in zip(weights, tasks)))
-    assert stats.harness_stderr(tmp_path / "arc", "acc,none") == pytest.approx(expected)
+    assert harness.stderr(tmp_path / "arc", "acc,none") == pytest.approx(expected)
     (tmp_path / "arc" / "metrics.json").write_text(json.dumps({"aggregation": "plain mean of tasks"}))
-    assert stats.harness_stderr(tmp_path / "arc", "acc,none") == pytest.approx(100 * np.sqrt(0.2**2 + 0.5**2) / 2)
+    assert harness.stderr(tmp_path / "arc", "acc,none") == pytest.approx(100 * np.sqrt(0.2**2 + 0.5**2) / 2)
 
 
 def test_a_corpus_level_metric_has_no_per_item_score(tmp_path):
     write_jsonl(tmp_path / "samples_wmt14-en-fr.jsonl", [{"doc_id": 0, "filter": "none", "ter": ["ref", "hyp"]}])
     with pytest.raises(ValueError, match=r"samples_wmt14-en-fr.jsonl:1: 'ter' is list.*corpus-level"):
-        stats.harness_items(tmp_path, "ter,none")
+        harness.items(tmp_path, "ter,none")
 
 
 def test_cell_items_refuse_scores_that_do_not_average_to_the_reported_cell(tmp_path):
     write_jsonl(tmp_path / "mt_bench" / "model_judgment" / "j_single.jsonl",
                 [{"question_id": 1, "turn": 1, "score": 4}, {"question_id": 2, "turn": 1, "score": 6}])
     (tmp_path / "metrics.json").write_text(json.dumps({"mt_bench/score": 5.0, "mt_bench/turn1": 4.5}))
-    assert stats.cell_items(tmp_path, "mt_bench/score") == {"1": 4.0, "2": 6.0}
+    (tmp_path / "suite.json").write_text(json.dumps({"benchmarks": {"mt_bench": {"kind": "mt_bench"}}}))
+    assert suite.items(tmp_path, "mt_bench/score") == {"1": 4.0, "2": 6.0}
     with pytest.raises(ValueError, match="average 5.0, but metrics.json reports 4.5"):
-        stats.cell_items(tmp_path, "mt_bench/turn1")
+        suite.items(tmp_path, "mt_bench/turn1")
 
 
 @pytest.mark.slow  # 210 s on 2 shared cores (load 11), mostly lm-eval's task indexing and data loading
@@ -241,15 +230,15 @@ def test_harness_stderr_is_lm_evals_own_on_a_real_offline_run(tmp_path):
     from im_repro.run import execute
     from tests.conftest import compose_with
 
-    cfg = compose_with("model=tiny", "eval=smoke", "eval.only=[arc_easy,mmlu_high_school_geography]",
+    cfg = compose_with("model=tiny", "method=base", "eval=smoke", "eval.only=[arc_easy,mmlu_high_school_geography]",
                        "eval.harness.limit=20")
     execute(cfg, tmp_path, ["eval"])
     eval_dir = tmp_path / "eval" / "smoke"
     for name, metric in [("arc_easy", "acc_norm"), ("mmlu_high_school_geography", "acc")]:
         results = json.loads((eval_dir / name / "results.json").read_text())
         own = 100 * results["results"][f"{name}_local"][f"{metric}_stderr,none"]
-        assert stats.cell_stderr(eval_dir, name) == own
-        items = np.array(list(stats.cell_items(eval_dir, name).values()))  # checked against metrics.json
+        assert suite.stderr(eval_dir, name) == own
+        items = np.array(list(suite.items(eval_dir, name).values()))  # checked against metrics.json
         assert items.size == 20
         # lm-eval's mean_stderr is the sample standard deviation over sqrt(n): the items are the ones it scored
         assert np.std(items, ddof=1) / np.sqrt(items.size) == pytest.approx(own, rel=1e-9)

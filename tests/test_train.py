@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.neftune import activate_neftune
 
 from im_repro import train
+from im_repro.common import UserError
 from im_repro.run import execute
 from im_repro.collate import Collator
 from im_repro.masking import encode_full
@@ -44,9 +45,9 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("IM_REPRO_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("loss", ["it", "im", "im_released", "weighted"])
-def test_each_mode_trains_and_leaves_a_loadable_checkpoint(tmp_path, loss):
-    pipeline(tmp_path, f"method={loss}")
+@pytest.mark.parametrize("mask", ["it", "im", "im_released", "weighted"])
+def test_each_mode_trains_and_leaves_a_loadable_checkpoint(tmp_path, mask):
+    pipeline(tmp_path, f"method={mask}")
     steps = [r for r in logs(tmp_path) if "loss" in r]
     assert len(steps) == 2 and all(r["loss"] > 0 and r["output_loss"] > 0 for r in steps)
     assert all(r["instruction_loss"] > 0 for r in steps)  # logged whatever the mode
@@ -187,14 +188,14 @@ def tiny_and_batch(llama2):
     ]
     examples = []
     for messages in convs:
-        e = encode_full(messages, llama2, loss="weighted", prompt_loss_weight=0.5)
+        e = encode_full(messages, llama2, mask="weighted", prompt_loss_weight=0.5)
         examples.append({**e.as_dict(), "token_class": e.token_class.tolist()})
     return model, examples
 
 
-def loss_and_grads(model, batch, normalization, **kw):
+def loss_and_grads(model, batch, reduction, ref_model=None, **kw):
     model.zero_grad()
-    total, norm, *_ = train.forward_loss(model, batch, normalization, **kw)
+    total, norm, *_ = train.forward_loss(model, batch, train.LossSpec(reduction, **kw), ref_model)
     loss = total / norm
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
@@ -207,16 +208,16 @@ def test_packing_fills_gaps_first_fit_decreasing():
     assert Collator(pad_token_id=0, packing=True).bins([2, 7, 4]) == ([[1, 2, 0]], [13])
 
 
-@pytest.mark.parametrize("normalization", ["per_token", "per_example"])
+@pytest.mark.parametrize("reduction", ["per_token", "per_example"])
 @pytest.mark.parametrize("row_cap", [None, 60])  # one row, or two rows of which one ends in a padding segment
-def test_packed_loss_and_gradients_equal_padded(tiny_and_batch, normalization, row_cap):
+def test_packed_loss_and_gradients_equal_padded(tiny_and_batch, reduction, row_cap):
     model, examples = tiny_and_batch
     padded = Collator(pad_token_id=0, packing=False)(examples)
     packed = Collator(pad_token_id=0, packing=True, max_row_tokens=row_cap)(examples)
     real = int((packed["example_index"] >= 0).sum())
     assert packed["input_ids"].shape[0] == (1 if row_cap is None else 2) and real == padded["attention_mask"].sum()
-    loss_a, grads_a = loss_and_grads(model, padded, normalization)
-    loss_b, grads_b = loss_and_grads(model, packed, normalization)
+    loss_a, grads_a = loss_and_grads(model, padded, reduction)
+    loss_b, grads_b = loss_and_grads(model, packed, reduction)
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -226,16 +227,16 @@ def test_per_example_normalisation_weighs_examples_equally(tiny_and_batch):
     model, examples = tiny_and_batch
     batch = Collator(pad_token_id=0)(examples)
     with torch.no_grad():
-        _, _, ce, s, _ = train.forward_loss(model, batch, "per_token")
+        _, _, ce, s, _ = train.forward_loss(model, batch, train.LossSpec("per_token"))
         total, norm = train.weighted_sum(ce, s["weights"], s["example"], "per_example")
     means = [float((ce[r] * s["weights"][r]).sum() / s["weights"][r].sum()) for r in range(len(examples))]
     assert norm == len(examples) and float(total / norm) == pytest.approx(sum(means) / len(means), rel=1e-6)
 
 
-@pytest.mark.parametrize("normalization", ["per_token", "per_example"])
-@pytest.mark.parametrize("normalize", ["weight_sum", "nonzero_tokens"])
+@pytest.mark.parametrize("per", ["per_token", "per_example"])
+@pytest.mark.parametrize("divisor", ["weight_sum", "nonzero_tokens"])  # the reduction's "_nonzero" suffix or not
 @pytest.mark.parametrize("response_weight", [None, 0.5])
-def test_weighted_loss_equals_a_float64_loop(normalization, normalize, response_weight):
+def test_weighted_loss_equals_a_float64_loop(per, divisor, response_weight):
     """method=weighted's loss against the definitions written out per token in float64: a packed row of two examples
     and a padded row, template 0, instruction 0.1, output 1 (times the response weight)."""
     gen = torch.Generator().manual_seed(0)
@@ -246,8 +247,9 @@ def test_weighted_loss_equals_a_float64_loop(normalization, normalize, response_
     batch = {"input_ids": torch.zeros_like(example), "loss_weights": prepared, "token_class": classes,
              "example_index": example}
     values = torch.rand(2, 11, generator=gen)  # a per-position loss
+    reduction = per + ("_nonzero" if divisor == "nonzero_tokens" else "")
     s = train.shifted(batch, response_weight)
-    total, norm = train.weighted_sum(values, s["weights"], s["example"], normalization, normalize)
+    total, norm = train.weighted_sum(values, s["weights"], s["example"], reduction)
 
     num, den = {}, {}  # per example: sum of w v, and of what the mean divides by
     for r in range(2):
@@ -255,19 +257,19 @@ def test_weighted_loss_equals_a_float64_loop(normalization, normalize, response_
             w = float(prepared[r, t]) * (response_weight or 1.0 if int(classes[r, t]) == Span.OUTPUT else 1.0)
             e = int(example[r, t])
             num[e] = num.get(e, 0.0) + w * float(values[r, t - 1])
-            den[e] = den.get(e, 0.0) + (w if normalize == "weight_sum" else float(w > 0))
-    if normalization == "per_token":
+            den[e] = den.get(e, 0.0) + (w if divisor == "weight_sum" else float(w > 0))
+    if per == "per_token":
         expected = sum(num.values()) / sum(den.values())
     else:
         means = [num[e] / den[e] for e in num if e >= 0 and den[e] > 0]
         expected = sum(means) / len(means)
     assert float(total / norm) == pytest.approx(expected, rel=1e-6)
-    assert float(train.normaliser(batch, normalization, normalize, response_weight)) == pytest.approx(float(norm))
+    assert float(train.normaliser(batch, train.LossSpec(reduction, response_weight))) == pytest.approx(float(norm))
 
 
-def test_weighting_knobs_are_refused_outside_loss_weighted():
-    method = compose_with("method=im", "method.normalize=nonzero_tokens").method
-    with pytest.raises(ValueError, match="only used with loss=weighted, not loss=im"):
+def test_weighting_knobs_are_refused_outside_mask_weighted():
+    method = compose_with("method=im", "method.reduction=per_example_nonzero").method
+    with pytest.raises(ValueError, match="only used with mask=weighted, not mask=im"):
         train.check_weighting(method)
     with pytest.raises(ValueError, match="response_weight must be > 0"):
         train.check_weighting(compose_with("method=weighted", "method.response_weight=0").method)
@@ -282,7 +284,7 @@ def test_kl_released_at_lambda_one_has_zero_gradient(tiny_and_batch):
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     _, ce_grads = loss_and_grads(model, batch, "per_token")
-    _, grads = loss_and_grads(model, batch, "per_token", kl_mode="kl_released", kl_lambda=1.0, ref_model=ref)
+    _, grads = loss_and_grads(model, batch, "per_token", ref, kl_mode="kl_released", kl_weight=1.0)
     assert max(g.abs().max() for g in ce_grads) > 1e-3
     assert max(g.abs().max() for g in grads) < 1e-6
 
@@ -292,12 +294,12 @@ def test_real_kl_is_zero_at_the_reference_and_positive_away_from_it(tiny_and_bat
     batch = Collator(pad_token_id=0)(examples)
     ref = copy.deepcopy(model).requires_grad_(False)
     plain, _ = loss_and_grads(model, batch, "per_token")
-    at_ref, _ = loss_and_grads(model, batch, "per_token", kl_mode="kl", kl_lambda=1.0, ref_model=ref)
+    at_ref, _ = loss_and_grads(model, batch, "per_token", ref, kl_mode="kl", kl_weight=1.0)
     torch.testing.assert_close(plain, at_ref)
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    away, _ = loss_and_grads(model, batch, "per_token", kl_mode="kl", kl_lambda=1.0, ref_model=ref)
+    away, _ = loss_and_grads(model, batch, "per_token", ref, kl_mode="kl", kl_weight=1.0)
     assert away > plain
 
 
@@ -342,11 +344,12 @@ def neftune_models(tmp_path_factory):
     torch.manual_seed(0)
     model = load_model(cfg.model, VOCAB).train()
     args = train.training_arguments(cfg, tmp_path_factory.mktemp("neftune"), 1)
-    trainer = train.ITTrainer(model=model, args=args, normalization="per_token", neftune_alpha=cfg.train.neftune_alpha)
+    trainer = train.ITTrainer(model=model, args=args, loss=train.LossSpec("per_token"),
+                              neftune_alpha=cfg.train.neftune_alpha)
     reference = load_model(cfg.model, VOCAB).train()
     activate_neftune(reference, ALPHA)
     return ((model, lambda b: trainer.compute_loss(model, b)),
-            (reference, lambda b: train.forward_loss(reference, b, "per_token")))
+            (reference, lambda b: train.forward_loss(reference, b, train.LossSpec("per_token"))))
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
@@ -389,7 +392,7 @@ def test_bad_settings_fail_before_any_compute(tmp_path):
     with pytest.raises(ValueError, match="not a multiple of"):
         pipeline(tmp_path, "method=it", "train.global_batch_size=5", stages=("train",))
     assert not (tmp_path / "train").exists()
-    with pytest.raises(FileNotFoundError, match="run the prepare stage first"):
+    with pytest.raises(UserError, match="train needs the prepare stage's output"):
         pipeline(tmp_path / "fresh", "method=it", stages=("train",))
     with pytest.raises(FileNotFoundError, match="cannot load"):
         pipeline(tmp_path, "method=it", "model.init=pretrained", f"model.path={tmp_path / 'nowhere'}",

@@ -29,7 +29,9 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from im_repro.common import append_jsonl, read_records
 from im_repro.config import AlpacaEvalConfig, JudgeConfig
+from im_repro.evaluate.benchmark import Benchmark, Context
 from im_repro.evaluate.generate import chat_prompt, generate_resumable
 from im_repro.evaluate.judges import Judge, JudgeError, JudgeUnavailable, api_key, file_safe, make_judge
 
@@ -44,14 +46,6 @@ ANNOTATION_CHUNK = 16  # annotations between two saves of alpaca_eval's cache
 # judge config (our judges decode greedily; logprobs do not depend on temperature).
 HONOURED_KWARGS = ("max_tokens", "logprobs", "top_logprobs")
 REPLACED_KWARGS = ("model_name", "temperature")
-
-
-def read_records(path: str | Path) -> list[dict]:
-    """A JSON list or a JSONL file of records."""
-    text = Path(path).read_text()
-    if text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def hub_records(filename: str) -> list[dict]:
@@ -143,9 +137,8 @@ def alpaca_eval_completions(judge: Judge, log_path: Path) -> Callable[..., dict[
         else:
             completions = completions_all = judge.complete(conversations, max_tokens)
         seconds = (time.perf_counter() - start) / len(prompts)
-        with log_path.open("a") as f:
-            for prompt, completion in zip(prompts, completions_all):
-                f.write(json.dumps({"judge": judge.name, "prompt": prompt, "completion": completion}) + "\n")
+        append_jsonl(log_path, ({"judge": judge.name, "prompt": p, "completion": c}
+                                for p, c in zip(prompts, completions_all)))
         return {"completions": completions, "completions_all": completions_all,
                 "price_per_example": [math.nan] * len(prompts), "time_per_example": [seconds] * len(prompts)}
 
@@ -289,3 +282,52 @@ def run(cfg: AlpacaEvalConfig, generator, tokenizer, template: str, out_dir: Pat
     for name, why in missing.items():
         log.warning("%s missing: %s", name, why)
     return metrics
+
+
+def items(version_dir: Path) -> dict[str, float]:
+    """Per instruction, the model's win against the reference in percent (alpaca_eval's preference - 1, a draw 0.5),
+    from the `annotations.json` alpaca_eval wrote under `version_dir` (`<out>/v2.0/`, or its annotator's folder for
+    judge.kind=openai). Unparsed judgments are left out, as alpaca_eval does (metrics.json counts them)."""
+    found = sorted(Path(version_dir).glob("annotations.json")) + sorted(Path(version_dir).glob("*/annotations.json"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{version_dir}: expected one annotations.json (alpaca_eval's), found {len(found)}")
+    scores = {}
+    for row in json.loads(found[0].read_text()):
+        preference = row.get("preference")
+        if preference is None or not 0 <= float(preference) <= 2 or math.isnan(float(preference)):
+            continue
+        preference = 1.5 if float(preference) == 0 else float(preference)  # alpaca_eval encodes a draw as 0 or 1.5
+        scores[row["instruction"]] = 100.0 * (preference - 1)
+    return scores
+
+
+def win_rate_key(version: str) -> str:
+    return f"alpaca_eval_{version}/win_rate"
+
+
+class AlpacaEval(Benchmark):
+    """AlpacaEval 1.0 and 2.0 as one benchmark (one set of generations), a Table 1 column per version."""
+
+    kind = "alpaca_eval"
+    excluded = ("enabled", "category", "judge.api_key_env", "judge.max_retries")
+
+    def entry(self, eval_cfg, name: str) -> dict:
+        versions = list(eval_cfg.alpaca_eval.versions)
+        return {**super().entry(eval_cfg, name), "headlines": [win_rate_key(v) for v in versions],
+                "columns": {f"alpaca_eval_{v.split('.')[0]}": win_rate_key(v) for v in versions}}
+
+    def owns(self, name: str, key: str) -> bool:
+        return key.startswith("alpaca_eval_")
+
+    def evaluate(self, context: Context, settings, out: Path) -> dict[str, float]:
+        return run(settings, context.generator, context.generator.tokenizer, context.template, out,
+                   model_name=context.model_name)
+
+    def items(self, folder: Path, key: str, entry: dict) -> dict[str, float]:
+        version = key.removeprefix("alpaca_eval_").partition("/")[0]
+        if key != win_rate_key(version):
+            raise KeyError(f"{key}: AlpacaEval has per-instruction scores for its win rates only")
+        return items(Path(folder) / f"v{version}")
+
+
+BENCHMARK = AlpacaEval()

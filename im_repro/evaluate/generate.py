@@ -14,20 +14,12 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, set_seed
+from transformers import set_seed
 
-from im_repro.model import tokenizer_from_pretrained
+from im_repro.common import append_jsonl
 from im_repro.templates import render
 
 log = logging.getLogger("im_repro")
-
-
-def load_inference(model_path: str, tokenizer_path: str, dtype, gguf_file: str | None = None):
-    """(model, tokenizer) for generation: eval mode, on the GPU when there is one."""
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = tokenizer_from_pretrained(tokenizer_path, gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **kwargs)
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
 
 
 def chat_prompt(messages: list[dict], tokenizer, template: str) -> tuple[str, bool]:
@@ -83,6 +75,18 @@ class Generator:
         return out
 
 
+class LazyGenerator:
+    """A `Generator` made on first use, so a re-run with every generation cached loads no model."""
+
+    def __init__(self, load):
+        self._load, self._generator = load, None
+
+    def __getattr__(self, name):
+        if self._generator is None:
+            self._generator = self._load()
+        return getattr(self._generator, name)
+
+
 class ResumableOutputs:
     """`path`: one JSON record per finished prompt, keyed by `key`; what is there is never generated again."""
 
@@ -101,12 +105,8 @@ class ResumableOutputs:
         return [item for item in items if str(item[self.key]) not in self.records]
 
     def add(self, records: list[dict]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-                self.records[str(record[self.key])] = record
-            f.flush()
+        append_jsonl(self.path, records)
+        self.records.update((str(record[self.key]), record) for record in records)
 
     def ordered(self, items: list[dict]) -> list[dict]:
         return [self.records[str(item[self.key])] for item in items]

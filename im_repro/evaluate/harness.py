@@ -11,12 +11,16 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
+from collections import defaultdict
 from pathlib import Path
 
 import yaml
 from omegaconf import OmegaConf
 
-from im_repro.runs import write_json
+from im_repro import keys
+from im_repro.common import read_json, write_json
+from im_repro.evaluate.benchmark import Benchmark, Context
 
 log = logging.getLogger("im_repro")
 SPLITS = {"train": "training_split", "validation": "validation_split", "test": "test_split"}
@@ -149,9 +153,10 @@ def seeds(cfg) -> dict[str, int | None]:
             for key, value in OmegaConf.to_container(OmegaConf.structured(cfg.eval.harness.seeds)).items()}
 
 
-def run(cfg, lm, names: list[str], out_dir: Path) -> dict[str, float]:
-    """Evaluate each named benchmark into `out_dir/<name>/`; returns {"<name>": percent} for all of them. Which
-    benchmarks need running is the entrypoint's decision (run.execute, by their keys), so every named one runs."""
+def run(cfg, lm, names: list[str], out_dir: Path, done=None) -> dict[str, float]:
+    """Evaluate each named benchmark into `out_dir/<name>/`; returns {"<name>": percent} for all of them, and hands
+    each to `done(name, {name: percent})` as it finishes. Which benchmarks need running is the entrypoint's decision
+    (run.execute, by their keys), so every named one runs."""
     from lm_eval import simple_evaluate
     from lm_eval.utils import handle_non_serializable
 
@@ -185,17 +190,128 @@ def run(cfg, lm, names: list[str], out_dir: Path) -> dict[str, float]:
             "seeds": seeds(cfg),
         })
         metrics[name] = value
+        if done is not None:
+            done(name, {name: value})
     return metrics
 
 
 def protocol(names: list[str], out_dir: Path) -> dict[str, dict]:
     """How each benchmark was scored (lm-eval version, aggregation, seeds), from its own metrics.json."""
-    keys = ("lm_eval_version", "aggregation", "seeds", "num_fewshot", "limit")
-    found = {name: json.loads(path.read_text()) for name in names if (path := out_dir / name / "metrics.json").exists()}
-    return {name: {k: m.get(k) for k in keys} for name, m in found.items()}
+    fields = ("lm_eval_version", "aggregation", "seeds", "num_fewshot", "limit")
+    found = {name: read_json(out_dir / name / "metrics.json") for name in names}
+    return {name: {k: m.get(k) for k in fields} for name, m in found.items() if m is not None}
 
 
 def version() -> str:
     from importlib.metadata import version as installed
 
     return installed("lm_eval")
+
+
+# ------------------------------------------------------------------------------------------ per-item scores ------
+
+
+def items(folder: Path, metric: str, scale: float = 1.0) -> dict[str, float]:
+    """`metric` ("acc_norm,none": lm-eval's metric,filter) per document of lm-eval's `samples_<task>.jsonl` files in
+    `folder` (one benchmark of a suite, `eval/<suite>/<benchmark>/`), in percent times `scale`, keyed "<task>/<doc_id>".
+
+    One task: the documents' values. Several (a group or a tag): a group lm-eval aggregated (results.json `groups`)
+    and a tag aggregated size-weighted (`score`'s default) are the mean over all documents, so the values are kept;
+    a tag aggregated as the plain mean of its members (eval.harness.tag_weight_by_size=false) weights each document
+    by (documents) / (members x its task's documents).
+    """
+    folder = Path(folder)
+    name, _, filter_ = metric.partition(",")
+    per_task: dict[str, dict[str, float]] = defaultdict(dict)
+    for path in sorted(folder.glob("samples_*.jsonl")):
+        task = path.stem.removeprefix("samples_")
+        for line_no, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row.get("filter") != filter_:
+                continue
+            value = row.get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{path}:{line_no}: {name!r} is {type(value).__name__}, not a per-document number "
+                                 "(a corpus-level metric such as BLEU or TER has no per-item score)")
+            per_task[task][f"{task}/{row['doc_id']}"] = 100.0 * scale * float(value)
+    if not per_task:
+        raise FileNotFoundError(f"{folder}: no samples_*.jsonl with filter {filter_!r} (eval.harness.log_samples=false?)")
+    results = read_json(folder / "results.json")
+    if len(per_task) == 1 or results.get("groups") or not _plain_tag(folder):
+        return {k: v for values in per_task.values() for k, v in values.items()}
+    total = sum(len(values) for values in per_task.values())
+    return {k: v * total / (len(per_task) * len(values)) for values in per_task.values() for k, v in values.items()}
+
+
+def _plain_tag(folder: Path) -> bool:
+    """Whether the eval stage scored this tag as the plain mean of its tasks (its metrics.json says how)."""
+    return read_json(Path(folder) / "metrics.json", {}).get("aggregation", "").startswith("plain mean")
+
+
+def stderr(folder: Path, metric: str, scale: float = 1.0) -> float:
+    """lm-eval's own standard error of the benchmark in `folder` (its results.json), in the cell's unit: the group's
+    when lm-eval aggregated one, else the task's, else (a tag) that of its aggregate of independent members."""
+    results = read_json(Path(folder) / "results.json")
+    name, _, filter_ = metric.partition(",")
+    key = f"{name}_stderr,{filter_}"
+    groups = [r[key] for r in results.get("groups", {}).values() if isinstance(r.get(key), (int, float))]
+    if groups:
+        return 100.0 * scale * groups[0]
+    members = {t: r.get(key) for t, r in results["results"].items() if metric in r}
+    if not members or not all(isinstance(s, (int, float)) for s in members.values()):
+        raise KeyError(f"{folder}/results.json: no numeric {key!r} for every task reporting {metric!r}")
+    if len(members) == 1 or _plain_tag(folder):
+        weights = {t: 1 / len(members) for t in members}
+    else:
+        sizes = {t: results["n-samples"][t]["effective"] for t in members}
+        weights = {t: n / sum(sizes.values()) for t, n in sizes.items()}
+    return 100.0 * scale * math.sqrt(sum((weights[t] * s) ** 2 for t, s in members.items()))
+
+
+# ------------------------------------------------------------------------------------------ the benchmark --------
+
+
+class Harness(Benchmark):
+    """Every lm-eval task of `eval.harness.tasks`, each a benchmark of its own scored by one metric."""
+
+    kind = "harness"
+    excluded = ("batch_size", "max_batch_size", "log_samples")
+    all_ranks = True  # lm-eval is data parallel under a launcher; rank 0 writes
+
+    def names(self, eval_cfg) -> list[str]:
+        return list(eval_cfg.harness.tasks)
+
+    def entry(self, eval_cfg, name: str) -> dict:
+        t = eval_cfg.harness.tasks[name]
+        return {"kind": self.kind, "category": t.category, "higher_is_better": t.higher_is_better,
+                "headlines": [name], "score": name, "columns": {},
+                "task": t.task, "metric": t.metric, "num_fewshot": t.num_fewshot, "scale": t.scale}
+
+    def settings(self, cfg, name: str) -> dict:
+        harness = keys.without(keys.plain_dict(cfg.eval.harness), self.excluded)
+        task = harness.pop("tasks")[name]
+        task["limit"] = task["limit"] if task["limit"] is not None else harness.pop("limit")
+        harness.pop("limit", None)
+        task.pop("category"), task.pop("higher_is_better")  # how the report groups it, not what it measures
+        return {"harness": harness, "task": task}
+
+    def owns(self, name: str, key: str) -> bool:
+        return key == name
+
+    def run(self, context: Context, names: list[str]) -> dict[str, dict[str, float]]:
+        values = run(context.cfg, context.lm(), names, context.out, done=context.done)
+        return {name: {name: values[name]} for name in names if name in values}
+
+    def items(self, folder: Path, key: str, entry: dict) -> dict[str, float]:
+        return items(folder, entry["metric"], entry["scale"])
+
+    def stderr(self, folder: Path, key: str, entry: dict, settings) -> float:
+        return stderr(folder, entry["metric"], entry["scale"])
+
+    def protocol(self, out: Path, names: list[str]) -> dict:
+        return {"lm_eval": protocol(names, out)} if names else {}
+
+
+BENCHMARK = Harness()

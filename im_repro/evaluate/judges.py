@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 
 from im_repro.config import JudgeConfig
-from im_repro.evaluate.generate import Generator, load_inference
+from im_repro.evaluate.generate import Generator
+from im_repro.model import load_inference
 
 log = logging.getLogger("im_repro")
 

@@ -23,13 +23,14 @@ import json
 import logging
 import re
 import time
+from collections import defaultdict
 from pathlib import Path
 
+from im_repro.common import download, read_jsonl
 from im_repro.config import MTBenchConfig
-from im_repro.data import download
+from im_repro.evaluate.benchmark import Benchmark, Context
 from im_repro.evaluate.generate import ResumableOutputs, chat_prompt, generate_resumable
 from im_repro.evaluate.judges import Judge, JudgeError, JudgeUnavailable, file_safe, make_judge
-from im_repro.runs import read_jsonl
 
 log = logging.getLogger("im_repro")
 
@@ -188,3 +189,41 @@ def run(cfg: MTBenchConfig, generator, tokenizer, template: str, out_dir: Path, 
     for name, why in missing.items():
         log.warning("%s missing: %s", name, why)
     return metrics
+
+
+def items(judgment_file: Path, turn: int | None = None) -> dict[str, float]:
+    """Per question, its share of the MT-Bench score from a `model_judgment/<judge>_single.jsonl` file: the sum of its
+    valid ratings (of `turn`, or both) times (questions) / (valid ratings), so the mean is the pooled score
+    `summarize` reports. Questions with no valid rating are left out (metrics.json counts them)."""
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for r in read_jsonl(judgment_file):
+        if r["score"] != -1 and (turn is None or r["turn"] == turn):
+            sums[str(r["question_id"])] += r["score"]
+            counts[str(r["question_id"])] += 1
+    n = sum(counts.values())
+    return {q: s * len(sums) / n for q, s in sums.items()}
+
+
+class MTBench(Benchmark):
+    kind = "mt_bench"
+    excluded = ("enabled", "category", "judge.api_key_env", "judge.max_retries")
+
+    def entry(self, eval_cfg, name: str) -> dict:
+        return {**super().entry(eval_cfg, name), "headlines": ["mt_bench/score"],
+                "columns": {"mt_bench": "mt_bench/score"}}
+
+    def evaluate(self, context: Context, settings, out: Path) -> dict[str, float]:
+        return run(settings, context.generator, context.generator.tokenizer, context.template, out,
+                   model_name=context.model_name)
+
+    def items(self, folder: Path, key: str, entry: dict) -> dict[str, float]:
+        """"mt_bench/score" (both turns pooled), "mt_bench/turn1" or "mt_bench/turn2"."""
+        files = sorted((Path(folder) / "model_judgment").glob("*_single.jsonl"))
+        if len(files) != 1:
+            raise FileNotFoundError(f"{folder}/model_judgment: expected one *_single.jsonl, found {len(files)}")
+        turn = {"mt_bench/score": None, "mt_bench/turn1": 1, "mt_bench/turn2": 2}[key]
+        return items(files[0], turn)
+
+
+BENCHMARK = MTBench()

@@ -29,7 +29,8 @@ from im_repro.report.collect import Run, identity, load_runs, wanted
 from im_repro.report.figures import FIGURE_FILES, FIGURES, figure2_points, write_figure
 from im_repro.report.render import TABLE_FILES, write_table
 from im_repro.report.tables import TABLES
-from im_repro.runs import REPO, now, write_json
+from im_repro.common import write_json
+from im_repro.runs import REPO, now
 
 __all__ = ["run", "load_runs", "wanted", "figure2_points", "identity", "TABLES", "FIGURES"]
 log = logging.getLogger("im_repro")
@@ -86,6 +87,11 @@ def run(cfg, runs: list[Run]) -> dict:
 def main() -> None:
     import im_repro.run  # noqa: F401  (the schema and resolvers; imported here so importing this module stays light)
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from im_repro.config import renamed
+
+    if problem := renamed(sys.argv[1:]):
+        sys.exit(f"im_repro.report: {problem}")
 
     # Hydra's default run directory is a run's own folder, whose .hydra/ would be overwritten: keep the report's
     # Hydra files beside its output unless the command line says otherwise.

@@ -2,7 +2,7 @@
 
 A table needs runs (data x method x model x recipe x seed): `wanted` composes each job of the experiment's sweep
 (its `hydra.sweeper.params` and the report command's own overrides, as Hydra's multirun would) and looks for the
-run directory its settings name (keys.run_name). A run not in the store is still listed, so every cell it would
+run directory its settings name (stages.run_name). A run not in the store is still listed, so every cell it would
 fill says "missing: run X not found". Runs that differ only in seed share `identity(run)` but their seed.
 """
 
@@ -106,12 +106,12 @@ def wanted(runs_dir: Path, params: Mapping[str, str], overrides: list[str]) -> l
     from hydra import compose
     from omegaconf import OmegaConf
 
-    from im_repro import keys
+    from im_repro.stages import run_name
 
     runs: dict[Path, Run] = {}
     for job in sweep(params, overrides):
         cfg = compose(config_name="config", overrides=job)
-        path = Path(runs_dir) / keys.run_name(cfg)
+        path = Path(runs_dir) / run_name(cfg)
         if path not in runs:  # a sweep may name one run several times (Table 3's baselines)
             runs[path] = found(path, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     return list(runs.values())

@@ -15,7 +15,7 @@ from im_repro.config import StatsConfig
 from im_repro.report.collect import Run, dig, identity, number
 from im_repro.report.tables import (AE1, EVAL_COLUMNS, KEYS, TABLES, Column, Items, TableSpec, build, eval_cells,
                                     eval_items, order, paper_row, stats_cells)
-from im_repro.runs import read_jsonl
+from im_repro.common import read_jsonl
 
 FIGURE_FILES = (".png", ".pdf")
 
@@ -64,7 +64,7 @@ def curves(runs: Sequence[Run], baseline: str):
 
 
 def split_losses(run: Run, split: str) -> list[float]:
-    values = (number(r.get("loss")) for r in read_jsonl(run.path / "loss" / f"{split}.jsonl", missing_ok=True))
+    values = (number(r.get("loss")) for r in read_jsonl(run.path / "heldout_loss" / f"{split}.jsonl", missing_ok=True))
     return [v for v in values if v is not None]
 
 
@@ -75,7 +75,7 @@ def loss_histograms(runs: Sequence[Run], baseline: str):
     panels = {run: (split_losses(run, "train"), split_losses(run, "test")) for run in runs}
     panels = {run: splits for run, splits in panels.items() if splits[0] or splits[1]}
     if not panels:
-        return "no run has per-example losses in loss/train.jsonl or loss/test.jsonl"
+        return "no run has per-example losses in heldout_loss/train.jsonl or heldout_loss/test.jsonl"
     idents = {run: identity(run) for run in panels}
     lines = sorted({(i["model"], i["dataset"]) for i in idents.values()}, key=str)
     methods = sorted({i["method"] for i in idents.values()}, key=lambda m: order({"method": m}))
@@ -171,7 +171,7 @@ def plw_categories(runs: Sequence[Run], baseline: str, settings: StatsConfig = S
     its coefficients' intervals in the legend (or why it could not be fitted)."""
     import numpy as np
 
-    weighted = [r for r in runs if dig(r.config, "method.loss") == "weighted"]
+    weighted = [r for r in runs if dig(r.config, "method.mask") == "weighted"]
     points: dict[tuple[str, str], list[tuple[float, float, float | None]]] = {}
     for run in weighted:
         cells, found = eval_cells(run), eval_items(run, settings)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from im_repro import paper, stats
+from im_repro.evaluate import suite as evaluate_suite
 from im_repro.config import StatsConfig
 from im_repro.report.collect import Run, dig, identity, number, one_line, read_json
 
@@ -41,13 +42,9 @@ def json_cells(run: Run, stage: str, file: str, fields: Mapping[str, str]) -> di
     return cells
 
 
-# Table 1's LLM-judged columns: (benchmark in the eval suite, key in metrics.json).
-JUDGED = {
-    "mt_bench": ("mt_bench", "mt_bench/score"),
-    "alpaca_eval_1": ("alpaca_eval", "alpaca_eval_1.0/win_rate"),
-    "alpaca_eval_2": ("alpaca_eval", "alpaca_eval_2.0/win_rate"),
-}
-EVAL_COLUMNS = (*paper.TABLE1_CATEGORIES, "mean", *JUDGED)
+# Table 1's columns a benchmark fills on its own (its suite entry's `columns` names which, and with what metric).
+OWN_COLUMNS = ("mt_bench", "alpaca_eval_1", "alpaca_eval_2")
+EVAL_COLUMNS = (*paper.TABLE1_CATEGORIES, "mean", *OWN_COLUMNS)
 
 
 def specific(reason: Any, key: str) -> str:
@@ -72,9 +69,22 @@ def metric_cell(metrics: Mapping, suite: Mapping, benchmark: str, key: str) -> C
 
 
 def category_keys(suite: Mapping, category: str) -> dict[str, str]:
-    """The category's benchmarks, each with its key in metrics.json."""
-    return {b: "humaneval/pass@1" if b == "humaneval" else b
-            for b, spec in suite.get("benchmarks", {}).items() if spec.get("category") == category}
+    """The category's benchmarks, each with the key in metrics.json its category averages."""
+    return {b: entry["score"] for b, entry in suite.get("benchmarks", {}).items()
+            if entry.get("category") == category and entry.get("score")}
+
+
+def column_key(suite: Mapping, column: str) -> tuple[str, str] | None:
+    """(benchmark, key in metrics.json) of the suite's benchmark that fills a Table 1 column of its own."""
+    return next(((b, entry["columns"][column]) for b, entry in suite.get("benchmarks", {}).items()
+                 if column in entry.get("columns", {})), None)
+
+
+def own_cell(metrics: Mapping, suite: Mapping, column: str) -> Cell:
+    found = column_key(suite, column)
+    if found is None:
+        return Cell(why=f"eval suite {suite.get('suite')!r} has no benchmark for {column}")
+    return metric_cell(metrics, suite, *found)
 
 
 def category_cell(metrics: Mapping, suite: Mapping, category: str) -> Cell:
@@ -105,7 +115,7 @@ def eval_cells(run: Run) -> dict[str, Cell]:
     absent = [category for category, cell in cells.items() if cell.value is None]
     cells["mean"] = (Cell(why=f"needs all six categories; no {', '.join(absent)}") if absent
                      else Cell(paper.table1_mean({k: c.value for k, c in cells.items()})))
-    return cells | {column: metric_cell(metrics, suite, *where) for column, where in JUDGED.items()}
+    return cells | {column: own_cell(metrics, suite, column) for column in OWN_COLUMNS}
 
 
 @dataclass(frozen=True)
@@ -125,12 +135,12 @@ def eval_items(run: Run, settings: StatsConfig) -> dict[str, Items | str]:
     if suite is None:
         return {}
     columns = {c: category_keys(suite, c) for c in paper.TABLE1_CATEGORIES}
-    columns |= {column: {benchmark: key} for column, (benchmark, key) in JUDGED.items()}
+    columns |= {column: dict([found]) for column in OWN_COLUMNS if (found := column_key(suite, column))}
     found: dict[str, Items | str] = {}
     for column, keys in columns.items():
         try:
-            scores = {key: stats.cell_items(where, key) for key in keys.values()}
-            errors = [stats.cell_stderr(where, key, settings) for key in keys.values()]
+            scores = {key: evaluate_suite.items(where, key) for key in keys.values()}
+            errors = [evaluate_suite.stderr(where, key, settings) for key in keys.values()]
         except (OSError, KeyError, ValueError) as e:
             found[column] = f"no per-item scores: {one_line(e, 200)}"
             continue
@@ -172,7 +182,7 @@ def bleu_cells(run: Run) -> dict[str, Cell]:
 
 
 def loss_cells(run: Run) -> dict[str, Cell]:
-    return json_cells(run, "loss", "summary.json", {"train_loss": "train.mean", "test_loss": "test.mean"})
+    return json_cells(run, "heldout_loss", "summary.json", {"train_loss": "train.mean", "test_loss": "test.mean"})
 
 
 # ------------------------------------------------------------------------------------------ tables ------------

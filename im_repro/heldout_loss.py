@@ -1,20 +1,16 @@
-"""The overfitting analyses of PAPER.md §4.3: train vs test loss (Figures 3, 8, 9) and BLEU memorisation (Table 2).
+"""The heldout_loss stage (PAPER.md §4.3, Figures 3, 8, 9): each example's loss on its output tokens, on the training
+set and on a held-out set, for IT and IM alike.
 
-    im-repro stages=[loss,memorization] data=lima method=im model=...      (after prepare and train)
+    im-repro stages=[prepare,train,heldout_loss] data=lima method=im model=...
 
-`loss` (`<run>/loss/`): each example's mean cross-entropy over its output tokens only (assistant content + the EOS
-closing it), whatever mode the model was trained with, so IT and IM runs compare on the same loss, as the released
-`compute_loss.py` does with its IT mask (PAPER.md §5.3). Splits: the prepared training set, and a held-out sample
-of `analysis.heldout` (Tulu V2): `heldout_fraction` of it drawn with `seed` (`random`, what the paper describes) or
-the released code's first examples of each `dataset` source in file order (`first_per_source`), minus every example
-whose normalised first user message also opens a training example (Tulu V2 contains LIMA, and the LESS pool's
-sources). Examples are truncated at `train.max_seq_length` as in training; those left without an output token are
-counted, not scored.
-
-`memorization` (`<run>/memorization/`): greedy answers to each training example's first user message, in the
-training chat format, scored against its first assistant reply with sacrebleu: sentence-level BLEU-4 averaged over
-examples (the paper's "Average BLEU"; the library and settings are not in the paper, PAPER.md §5.4) and corpus BLEU.
-Generations are resumable: a restarted job generates only what is missing.
+Writes `<run>/heldout_loss/`: each example's mean cross-entropy over its output tokens only (assistant content + the
+EOS closing it), whatever mode the model was trained with, so IT and IM runs compare on the same loss, as the
+released `compute_loss.py` does with its IT mask (PAPER.md §5.3). Splits: the prepared training set, and a held-out
+sample of `analysis.heldout` (Tulu V2): `heldout_fraction` of it drawn with `seed` (`random`, what the paper
+describes) or the released code's first examples of each `dataset` source in file order (`first_per_source`), minus
+every example whose normalised first user message also opens a training example (Tulu V2 contains LIMA, and the LESS
+pool's sources). Examples are truncated at `train.max_seq_length` as in training; those left without an output token
+are counted, not scored.
 """
 
 from __future__ import annotations
@@ -26,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from im_repro import data
+from im_repro import data, keys, prepare
+from im_repro.common import write_json
 from im_repro.config import plain
-from im_repro.runs import write_json
+from im_repro.runs import Job
 from im_repro.templates import Span
 
 log = logging.getLogger("im_repro")
@@ -136,7 +133,7 @@ def output_losses(model, examples: list[dict], batch_size: int, desc: str) -> li
         for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
             ids = order[start : start + batch_size]
             batch = {k: v.to(model.device) for k, v in collate([examples[i] for i in ids]).items()}
-            _, _, ce, s, _ = forward_loss(model, batch, "per_token")
+            _, _, ce, s, _ = forward_loss(model, batch)
             weights = s["weights"]  # 1 on output targets, 0 elsewhere (padding included)
             per_example = ((ce * weights).sum(1) / weights.sum(1)).tolist()
             for i, loss in zip(ids, per_example):
@@ -177,17 +174,23 @@ def _scored(records: list[dict], losses: list[float], path: Path) -> list[float]
     return losses
 
 
-def run_loss(cfg, run_dir: Path) -> dict:
-    """Writes `<run>/loss/` (one process); returns the summary its completion marker records."""
+def settings(cfg, model) -> dict:
+    """What the losses depend on (its key): the model scored, the training data as prepared, the held-out sample."""
+    a = keys.without(keys.plain_dict(cfg.analysis), keys.EXCLUDED["analysis"])
+    return {"format": keys.FORMAT, "model": model.identity, "prepare": prepare.settings(cfg),
+            "heldout": a["heldout"], "fraction": a["heldout_fraction"], "sampling": a["heldout_sampling"],
+            "limit": a["loss_limit"], "seed": cfg.seed}
+
+
+def run(job: Job) -> None:
+    """Writes `<run>/heldout_loss/` (one process); marks it complete with a summary."""
     import datasets
 
     from im_repro import masking, model as model_lib
-    from im_repro.evaluate import checkpoint, load_for_generation
 
-    out = run_dir / "loss"
+    cfg, run_dir = job.cfg, job.run_dir
+    out = run_dir / "heldout_loss"
     prepared = run_dir / "prepare" / "dataset"
-    if not prepared.exists():
-        raise FileNotFoundError(f"{prepared} is missing: run the prepare stage first (stages=[prepare,...,loss])")
     out.mkdir(parents=True, exist_ok=True)
     a = cfg.analysis
 
@@ -224,9 +227,10 @@ def run_loss(cfg, run_dir: Path) -> dict:
             test_records.append({"index": ex["index"], **ident, "n_output_tokens": n})
             test_examples.append(example)
 
-    model_path, tokenizer_path = checkpoint(cfg, run_dir)
-    log.info("loss: %s on %d training and %d held-out examples", model_path, len(train_examples), len(test_examples))
-    model, _ = load_for_generation(cfg, model_path, tokenizer_path)
+    model_path, _ = job.model.paths(cfg, run_dir)
+    log.info("heldout_loss: %s on %d training and %d held-out examples", model_path, len(train_examples),
+             len(test_examples))
+    model, _ = job.model.load(cfg, run_dir)
     train_losses = _scored(train_records, output_losses(model, train_examples, a.batch_size, "train loss"),
                            out / "train.jsonl")
     test_losses = _scored(test_records, output_losses(model, test_examples, a.batch_size, "test loss"),
@@ -234,7 +238,7 @@ def run_loss(cfg, run_dir: Path) -> dict:
     summary = {
         "checkpoint": model_path,
         "loss": LOSS_DEFINITION,
-        "dtype": cfg.model.dtype,
+        "dtype": cfg.eval.dtype,
         "template": template,
         "max_seq_length": cfg.train.max_seq_length,
         "train": {**summarise(train_losses), "skipped_no_output_tokens": train_skipped, "limit": a.loss_limit},
@@ -242,91 +246,7 @@ def run_loss(cfg, run_dir: Path) -> dict:
         "heldout": heldout_info,
     }
     write_json(out / "summary.json", summary)
-    log.info("loss: train %s (n=%d), test %s (n=%d) -> %s", summary["train"]["mean"], len(train_losses),
-             summary["test"]["mean"], len(test_losses), out)
-    return {"checkpoint": model_path, "train_mean": summary["train"]["mean"], "test_mean": summary["test"]["mean"]}
-
-
-# ------------------------------------------------------------------------------------------ memorisation -----
-
-
-def memorization_items(examples: list[dict], limit: int | None) -> tuple[list[dict], int]:
-    """(items, skipped): each example's first user message and the first assistant reply after it, as the released
-    `generate.py` asks only the first user message; examples with no such pair are skipped and counted."""
-    items, skipped = [], 0
-    for index, ex in enumerate(examples[:limit]):
-        messages = ex["messages"]
-        user = next((k for k, m in enumerate(messages) if m["role"] == "user"), None)
-        reply = next((m["content"] for m in messages[user + 1 :] if m["role"] == "assistant"), None) \
-            if user is not None else None
-        if reply is None:
-            skipped += 1
-            continue
-        ident = {"id": ex["id"]} if "id" in ex else {}
-        items.append({"index": index, **ident, "instruction": messages[user]["content"], "reference": reply})
-    return items, skipped
-
-
-def bleu_scores(hypotheses: list[str], references: list[str]) -> dict:
-    """Sentence BLEU-4 of each hypothesis against its one reference (`sacrebleu.sentence_bleu`'s defaults: 13a
-    tokenisation, mixed case, exponential smoothing, effective order) and corpus BLEU (`corpus_bleu`'s defaults)."""
-    from sacrebleu.metrics import BLEU
-
-    sentence, corpus = BLEU(effective_order=True), BLEU()
-    scores = [sentence.sentence_score(h, [r]).score for h, r in zip(hypotheses, references)]
-    return {
-        "sentence": scores,
-        "mean_sentence_bleu": float(np.mean(scores)) if scores else None,
-        "corpus_bleu": corpus.corpus_score(hypotheses, [references]).score if scores else None,
-        "sentence_signature": str(sentence.get_signature()),
-        "corpus_signature": str(corpus.get_signature()),
-    }
-
-
-def run_memorization(cfg, run_dir: Path, generator=None) -> dict:
-    """Writes `<run>/memorization/` (one process), resuming its generations; returns the summary its completion
-    marker records. `generator`: anything with `generate(prompts, **kwargs)` and `tokenizer` (tests); default: the
-    checkpoint."""
-    from im_repro.evaluate import LazyGenerator, checkpoint, load_for_generation
-    from im_repro.evaluate.generate import Generator, chat_prompt, generate_resumable
-
-    out = run_dir / "memorization"
-    out.mkdir(parents=True, exist_ok=True)
-    a, template = cfg.analysis, plain(cfg.prepare.template)
-    generations = out / "generations.jsonl"
-    examples, _ = data.load_examples(cfg.data, cfg.prepare.cache_dir)
-    items, skipped = memorization_items(examples, a.memorization_limit)
-    model_path, tokenizer_path = checkpoint(cfg, run_dir)
-    if generator is None:
-        generator = LazyGenerator(
-            lambda: Generator(*load_for_generation(cfg, model_path, tokenizer_path), a.batch_size)
-        )
-    records = generate_resumable(
-        generator, items, generations, key="index",
-        prompt=lambda item: chat_prompt([{"role": "user", "content": item["instruction"]}], generator.tokenizer,
-                                        template),
-        max_new_tokens=a.max_new_tokens, desc="memorization",
-    )
-    # Both sides stripped: training rendered every content stripped, and decoding may leave a leading space.
-    scores = bleu_scores([r["outputs"][0].strip() for r in records], [r["reference"].strip() for r in records])
-    with (out / "scores.jsonl").open("w") as f:
-        for record, bleu in zip(records, scores["sentence"]):
-            f.write(json.dumps({key: record[key] for key in ("index", "id") if key in record} | {"bleu": bleu}) + "\n")
-    summary = {
-        "checkpoint": model_path,
-        "template": template,
-        "max_new_tokens": a.max_new_tokens,
-        "decoding": "greedy",
-        "n": len(records),
-        "skipped_no_user_assistant_pair": skipped,
-        "limit": a.memorization_limit,
-        "mean_sentence_bleu": scores["mean_sentence_bleu"],
-        "median_sentence_bleu": float(np.median(scores["sentence"])) if records else None,
-        "corpus_bleu": scores["corpus_bleu"],
-        "sentence_signature": scores["sentence_signature"],
-        "corpus_signature": scores["corpus_signature"],
-    }
-    write_json(out / "summary.json", summary)
-    log.info("memorization: mean sentence BLEU %s over %d examples -> %s", summary["mean_sentence_bleu"],
-             len(records), out)
-    return {"checkpoint": model_path, "n": len(records), "mean_sentence_bleu": summary["mean_sentence_bleu"]}
+    log.info("heldout_loss: train %s (n=%d), test %s (n=%d) -> %s", summary["train"]["mean"], len(train_losses),
+             summary["test"]["mean"], len(test_losses), out / "summary.json")
+    job.finish("heldout_loss", {"checkpoint": model_path, "train_mean": summary["train"]["mean"],
+                                "test_mean": summary["test"]["mean"]})

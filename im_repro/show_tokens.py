@@ -1,8 +1,8 @@
 """Show which tokens of one example carry the loss, coloured by class, in the terminal or as an HTML page.
 
-    python -m im_repro.inspect data=lima data.path=../shared/data/paper/lima_data.jsonl model=tiny method=im --index 3
-    python -m im_repro.inspect method=im_released --index 30 --html im_released.html
-    python -m im_repro.inspect data=lima data.path=... model=gemma3_1b model.path=artifacts/tokenizers/gemma3 \
+    python -m im_repro.show_tokens data=lima data.path=../shared/data/paper/lima_data.jsonl model=tiny method=im --index 3
+    python -m im_repro.show_tokens method=im_released --index 30 --html im_released.html
+    python -m im_repro.show_tokens data=lima data.path=... model=gemma3_1b model.path=artifacts/tokenizers/gemma3 \
         model.chat_template=null prepare.template=chat_template method=im      (any template in artifacts/tokenizers/)
 
 Arguments after the options are the same Hydra overrides `im-repro` takes.
@@ -16,10 +16,9 @@ from pathlib import Path
 
 from im_repro import data, masking, model
 from im_repro.config import plain
-from im_repro.masking import SPECIAL, Encoded
+from im_repro.masking import CLASS_NAMES, SPECIAL, Encoded
 from im_repro.templates import Span
 
-NAMES = {SPECIAL: "special", Span.TEMPLATE: "template", Span.INSTRUCTION: "instruction", Span.OUTPUT: "output"}
 ANSI = {SPECIAL: "35", Span.TEMPLATE: "90", Span.INSTRUCTION: "34", Span.OUTPUT: "32"}
 CSS = {SPECIAL: "#a0a", Span.TEMPLATE: "#888", Span.INSTRUCTION: "#1f5fbf", Span.OUTPUT: "#187a2f"}
 
@@ -34,7 +33,7 @@ def token_pieces(encoded: Encoded, tokenizer) -> list[tuple[str, int, bool]]:
 
 
 def to_terminal(pieces) -> str:
-    legend = "  ".join(f"\x1b[{ANSI[c]}m{n}\x1b[0m" for c, n in NAMES.items())
+    legend = "  ".join(f"\x1b[{ANSI[c]}m{n}\x1b[0m" for c, n in CLASS_NAMES.items())
     body = "".join(
         f"\x1b[{ANSI[cls]}{';4;1' if sup else ';2'}m{text}\x1b[0m" + ("\n" if text.endswith(("\n", "<0x0A>", "Ċ")) else "")
         for text, cls, sup in pieces
@@ -44,7 +43,7 @@ def to_terminal(pieces) -> str:
 
 def to_html(pieces, title: str) -> str:
     spans = "".join(
-        f'<span class="t c{cls}{" s" if sup else ""}" title="{NAMES[cls]}{", loss" if sup else ""}">'
+        f'<span class="t c{cls}{" s" if sup else ""}" title="{CLASS_NAMES[cls]}{", loss" if sup else ""}">'
         f"{html.escape(text)}</span>" + ("<br>" if text.endswith(("\n", "<0x0A>", "Ċ")) else "")
         for text, cls, sup in pieces
     )
@@ -53,7 +52,7 @@ def to_html(pieces, title: str) -> str:
         f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title><style>"
         "body{font-family:monospace;max-width:60em;margin:2em auto}.t{border:1px solid #eee;margin:1px}"
         f".s{{background:#fff4b0;font-weight:bold}}{styles}</style><h3>{html.escape(title)}</h3>"
-        "<p>" + " ".join(f'<span class="c{c}">{n}</span>' for c, n in NAMES.items())
+        "<p>" + " ".join(f'<span class="c{c}">{n}</span>' for c, n in CLASS_NAMES.items())
         + ' &middot; <span class="s">highlighted = supervised</span></p><p>' + spans + "</p>"
     )
 
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(examples) <= args.index:
         raise SystemExit(f"--index {args.index}: the dataset has only {len(examples)} examples")
     tokenizer = model.load_tokenizer(cfg.model)
-    mode = plain(cfg.method.loss)
+    mode = plain(cfg.method.mask)
     template = plain(cfg.prepare.template)
     encoded = masking.encode_full(
         examples[args.index]["messages"], tokenizer, mode, template, cfg.train.max_seq_length,
