@@ -12,11 +12,12 @@ export TOKENIZERS_PARALLELISM ?= true
 PYTEST_ARGS ?=
 
 .PHONY: help setup demo test test-slow test-slurm test-bwrap test-fresh test-all bench-prepare bench-train bench-eval gpu-check gpu-wheels inspect-demo clean
-# The paper's LIMA file when ../shared is beside the checkout, an offline shortcut; otherwise data=lima downloads it
-# from the paper's repository at a pinned commit, checks its sha256 and caches it.
-LIMA := $(wildcard ../shared/data/paper/lima_data.jsonl)
-DATA_PATH := $(if $(LIMA),data.path=$(abspath $(LIMA)),)
-LIMA_ARG := $(if $(LIMA),--data $(abspath $(LIMA)),)
+# LIMA for the demo and the benches: DATA=path/to/lima_data.jsonl (a local copy, e.g. on an offline machine), else
+# ../shared's when it sits beside the checkout; otherwise data=lima downloads it from the paper's repository at a
+# pinned commit, checks its sha256 and caches it.
+DATA ?= $(wildcard ../shared/data/paper/lima_data.jsonl)
+DATA_PATH := $(if $(DATA),data.path=$(abspath $(DATA)),)
+LIMA_ARG := $(if $(DATA),--data $(abspath $(DATA)),)
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_%-][a-zA-Z0-9_% -]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -34,7 +35,7 @@ $(ARTIFACTS): $(STAMP) scripts/fetch_artifacts.py
 	$(PY) scripts/fetch_artifacts.py
 	touch $@
 
-demo: setup  ## the main job on a CPU-sized default: IT vs IM on SmolLM2-135M, train, eval, report (results/demo/)
+demo: setup  ## the main job on a CPU-sized default: IT vs IM on SmolLM2-135M, train, eval, report (results/demo/); DATA=lima_data.jsonl offline
 	$(PY) scripts/demo_prompts.py runs/demo/alpaca_prompts.json --skip 200 $(DATA_PATH)
 	$(PY) -m im_repro -m experiment=demo $(DATA_PATH)
 	$(PY) -m im_repro.report experiment=demo
@@ -48,8 +49,9 @@ reproduce-table-7: reproduce-table-3  ## Table 7 is Table 3's KL sweep
 	@:
 reproduce-figure-8 reproduce-figure-9: reproduce-figure-3  ## Figures 8 and 9 are Figure 3's loss analyses
 	@:
-# On SLURM the sweep runs in two phases, each a job array with its own resources (conf/launch/default.yaml):
-# prepare + train on the training GPUs, then eval / loss / memorization on fewer; the report runs last.
+# On SLURM the sweep runs in two phases, each a job array with its own resources (launch.resources): prepare + train on
+# the training GPUs, then eval / heldout_loss / memorization on fewer. The report runs last, also after a failed job
+# (whose cells then say why), and the target still fails with the sweep's status.
 sweep = $(PY) -m im_repro -m experiment=$(1) $(2) $(ARGS)
 reproduce-%: setup  ## reproduce-table-1 ... reproduce-table-5, reproduce-figure-2, reproduce-figure-2-size, reproduce-figure-3, reproduce-plw
 	$(if $(filter $(subst -,,$*),$(EXPERIMENTS)),,$(error no experiment $(subst -,,$*); have $(EXPERIMENTS)))
@@ -57,11 +59,10 @@ ifdef DRY_RUN
 	$(call sweep,$(subst -,,$*),dry_run=true)
 else ifeq ($(LAUNCHER),slurm)
 	$(call sweep,$(subst -,,$*),hydra/launcher=slurm launch.phase=train)
-	$(call sweep,$(subst -,,$*),hydra/launcher=slurm launch.phase=eval)
-	$(PY) -m im_repro.report experiment=$(subst -,,$*) $(ARGS)
+	$(call sweep,$(subst -,,$*),hydra/launcher=slurm launch.phase=eval); rc=$$?; \
+		$(PY) -m im_repro.report experiment=$(subst -,,$*) $(ARGS); exit $$rc
 else
-	$(call sweep,$(subst -,,$*),)
-	$(PY) -m im_repro.report experiment=$(subst -,,$*) $(ARGS)
+	$(call sweep,$(subst -,,$*),); rc=$$?; $(PY) -m im_repro.report experiment=$(subst -,,$*) $(ARGS); exit $$rc
 endif
 
 test: setup  ## run the default test suite (slow and SLURM tests excluded)

@@ -11,8 +11,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
+from pathlib import Path
+
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, ListConfig
+
+from im_repro.common import UserError, world_size
 
 
 class OnInvalid(str, Enum):
@@ -419,6 +423,121 @@ def renamed(overrides: list[str]) -> str | None:
         if key == "stages" and "loss" in value.strip("[]").replace(" ", "").split(","):
             return f"{arg}: the stage loss was renamed heldout_loss"
     return None
+
+
+# ------------------------------------------------------------------------------------------ start-up checks -----
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float | None = None  # the smallest valid value (exclusive when `open_low`)
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    none: bool = False  # null is valid (the setting is off, or "all")
+
+    def holds(self, value) -> bool:
+        if value is None:
+            return self.none
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        low_ok = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        return low_ok and (self.high is None or (value < self.high if self.open_high else value <= self.high))
+
+    def __str__(self) -> str:
+        low = "" if self.low is None else f"{'>' if self.open_low else '>='} {self.low:g}"
+        high = "" if self.high is None else f"{'<' if self.open_high else '<='} {self.high:g}"
+        return " and ".join(filter(None, [low, high])) + (" (or null)" if self.none else "")
+
+
+COUNT, SOME, POSITIVE, FRACTION = Range(1), Range(1, none=True), Range(0, open_low=True), Range(0, 1, open_low=True)
+# Every numeric setting with a valid range, checked at start-up (`validate`); `*` stands for every key of a mapping
+# and a list's every element is checked.
+RANGES: dict[str, Range] = {
+    "seed": Range(0), "data.limit": SOME, "data.subset.n": COUNT, "data.subset.size": SOME,
+    "data.subset.target_ratio": POSITIVE, "data.subset.tolerance": Range(0), "data.subset.sizes": COUNT,
+    "prepare.num_proc": COUNT, "prepare.batch_size": COUNT,
+    "method.prompt_loss_weight": Range(0, 1, none=True), "method.response_weight": Range(0, open_low=True, none=True),
+    "train.max_seq_length": COUNT, "train.global_batch_size": COUNT, "train.per_device_batch_size": COUNT,
+    "train.learning_rate": POSITIVE, "train.warmup_ratio": Range(0, 1, open_high=True), "train.weight_decay": Range(0),
+    "train.epochs": POSITIVE, "train.adam_beta1": Range(0, 1, open_high=True), "train.adam_beta2": Range(0, 1, open_high=True),
+    "train.adam_epsilon": POSITIVE, "train.max_grad_norm": POSITIVE, "train.packing_row_tokens": SOME,
+    "train.neftune_alpha": Range(0, open_low=True, none=True), "train.kl.weight": Range(0), "train.logging_steps": COUNT,
+    "train.save_steps": COUNT, "train.save_total_limit": SOME, "train.dataloader_num_workers": Range(0),
+    "eval.generation_batch_size": COUNT, "eval.harness.max_length": SOME, "eval.harness.max_batch_size": COUNT,
+    "eval.harness.limit": SOME, "eval.harness.tasks.*.limit": SOME, "eval.harness.tasks.*.num_fewshot": Range(0, none=True),
+    "eval.harness.tasks.*.scale": POSITIVE,
+    "eval.humaneval.n": COUNT, "eval.humaneval.temperatures": Range(0), "eval.humaneval.top_p": FRACTION,
+    "eval.humaneval.max_new_tokens": COUNT, "eval.humaneval.ks": COUNT, "eval.humaneval.limit": SOME,
+    "eval.humaneval.timeout_s": POSITIVE, "eval.humaneval.memory_mb": COUNT, "eval.humaneval.workers": COUNT,
+    "eval.alpaca_eval.limit": SOME, "eval.alpaca_eval.max_new_tokens": COUNT, "eval.mt_bench.limit": SOME,
+    "eval.mt_bench.max_new_tokens": COUNT,
+    "eval.alpaca_eval.judge.max_new_tokens": COUNT, "eval.alpaca_eval.judge.max_retries": Range(0),
+    "eval.alpaca_eval.judge.timeout_s": POSITIVE, "eval.mt_bench.judge.max_new_tokens": COUNT,
+    "eval.mt_bench.judge.max_retries": Range(0), "eval.mt_bench.judge.timeout_s": POSITIVE,
+    "analysis.heldout_fraction": FRACTION, "analysis.loss_limit": SOME, "analysis.memorization_limit": SOME,
+    "analysis.max_new_tokens": COUNT, "analysis.batch_size": COUNT, "analysis.heldout.limit": SOME,
+    "stats.resamples": COUNT, "stats.confidence": Range(0, 1, open_low=True, open_high=True), "stats.seed": Range(0),
+    "launch.gpu_peak_tflops": POSITIVE, "launch.utilisation": FRACTION, "launch.tokens_per_example": COUNT,
+    "launch.resources.*.gpus": Range(0), "launch.resources.*.nodes": COUNT, "launch.resources.*.cpus": COUNT,
+    "launch.resources.*.mem_gb": COUNT, "launch.resources.*.hours": POSITIVE,
+}
+
+
+def _values(node, path: str):
+    """(dotted path, value) for `path` in `node`, `*` matching every key of a mapping, a list's every element."""
+    head, _, rest = path.partition(".")
+    if node is None:
+        return
+    children = node.items() if head == "*" else [(head, node.get(head))] if head in node else []
+    for key, child in children:
+        if rest:
+            yield from ((f"{key}.{p}", v) for p, v in _values(child, rest))
+        elif isinstance(child, (list, tuple, ListConfig)):
+            yield from ((f"{key}[{i}]", v) for i, v in enumerate(child))
+        else:
+            yield key, child
+
+
+def accumulation_steps(global_batch: int, per_device: int, processes: int) -> int:
+    """Gradient accumulation steps that make `global_batch` from `processes` micro-batches of `per_device`."""
+    if global_batch % (per_device * processes):
+        raise UserError(f"train.global_batch_size={global_batch} is not a multiple of train.per_device_batch_size="
+                        f"{per_device} x {processes} processes: change one of them")
+    return global_batch // (per_device * processes)
+
+
+def validate(cfg, overrides: list[str] = ()) -> None:
+    """Refuse, at start-up and with the fix, settings outside their range (`RANGES`) and combinations that cannot
+    run; a later stage would otherwise fail on them after hours of work, or blame the data."""
+    bad = [f"{path}={value!r} (must be {RANGES[rule]})" for rule in RANGES
+           for path, value in _values(cfg, rule) if not RANGES[rule].holds(value)]
+    if bad:
+        raise UserError("settings out of range: " + "; ".join(bad))
+    m, t = cfg.method, cfg.train
+    mask = getattr(m.mask, "value", m.mask)
+    reduction = getattr(m.reduction, "value", m.reduction)
+    if mask is not None and mask != "weighted" and (m.prompt_loss_weight is not None or m.response_weight is not None
+                                                    or reduction.endswith("_nonzero")):
+        raise UserError(f"method.prompt_loss_weight, method.response_weight and method.reduction={reduction} act on "
+                        f"mask=weighted's weights only (for 0/1 weights the reductions agree), not mask={mask}: "
+                        "use method=weighted")
+    if mask == "weighted" and m.prompt_loss_weight is None:
+        raise UserError("method.mask=weighted needs method.prompt_loss_weight in [0, 1]")
+    if cfg.data.subset.kind and cfg.data.limit:  # the limit would cut the pool the subset is chosen from
+        raise UserError(f"data={cfg.data.name}: data.limit and data.subset cannot be combined")
+    accumulation_steps(t.global_batch_size, t.per_device_batch_size, world_size())
+    model_paths = [o.partition("=")[2] for o in overrides if o.startswith("model.path=")]
+    if model_paths and cfg.model.init == "random":
+        raise UserError(f"model={cfg.model.name} builds a random model from model.arch (model.init=random) and reads "
+                        f"no weights from model.path={model_paths[0]}: to evaluate that checkpoint as it is, pass "
+                        f"eval.checkpoint={model_paths[0]} (or a model config that loads it: model.init=pretrained)")
+    if cfg.eval.checkpoint and {"prepare", "train"} & set(cfg.stages):
+        raise UserError(f"eval.checkpoint={cfg.eval.checkpoint} scores a model as it is: stages prepare and train do "
+                        f"not apply to it (stages={list(cfg.stages)}); pass stages=[eval] (or the analyses)")
+    for setting, path in (("data.path", cfg.data.path), ("analysis.heldout.path", cfg.analysis.heldout.path)):
+        if path and not Path(path).is_file():
+            raise UserError(f"{setting}={path}: no such file (a .json or .jsonl file of conversations)")
 
 
 def register() -> None:

@@ -63,7 +63,7 @@ def _text(row: dict, key: str) -> str:
 
 def from_messages(row: dict) -> list[dict]:
     if "messages" not in row:
-        raise _Invalid("messages", "missing")
+        raise _Invalid("messages", "missing; " + format_hint(row))
     messages = row["messages"]
     if not isinstance(messages, list):
         raise _Invalid("messages", f"expected a list, got {type(messages).__name__}")
@@ -104,6 +104,17 @@ def from_lima(row: dict) -> list[dict]:
     if not isinstance(turns, list):
         raise _Invalid("conversations", "missing or not a list")
     return [{"role": ("user", "assistant")[k % 2], "content": t} for k, t in enumerate(turns)]
+
+
+def format_hint(row: dict) -> str:
+    """Which converter a row that is not in the messages format seems to need, for the error message."""
+    turns = row.get("conversations")
+    guess = ("alpaca" if {"instruction", "output"} <= set(row) else "dolly" if {"instruction", "response"} <= set(row)
+             else "lima" if isinstance(turns, list) and turns and isinstance(turns[0], str)
+             else "sharegpt" if isinstance(turns, list) else None)
+    if guess:
+        return f"the row looks like the {guess} format: pass data.converter={guess}"
+    return f"the row has the fields {sorted(row)[:8]}: choose data.converter from {sorted(CONVERTERS)}"
 
 
 CONVERTERS: dict[str, Callable[[dict], list[dict]]] = {
@@ -274,13 +285,24 @@ class LoadReport:
         }
 
 
+def label(cfg) -> str:
+    """The name runs and tables give a data config: its own, unless `data.path` names a file other than the one its
+    source pins (by sha256); then the file's stem, so a user's own file is never reported under the paper's name."""
+    from im_repro.keys import content
+
+    path, pinned = cfg.get("path"), ((cfg.get("source") or {}).get("args") or {}).get("sha256")
+    if not path or (pinned and content(path) == pinned):
+        return cfg.get("name")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem)
+
+
 def rows_for(cfg, cache_dir: str | Path) -> tuple[str, Iterable[tuple[str, dict | _Invalid]]]:
     """The row stream a data config names: `path` if set, else its source."""
     if cfg.path:
         return str(cfg.path), iter_json_rows(cfg.path)
     src = cfg.source
     if src.kind == "url":
-        hint = f"Pass a local copy of it as data.path=FILE (data={cfg.name})"
+        hint = f"Pass a local copy of it: data.path=FILE (data={cfg.name}; for the demo: make demo DATA=FILE)"
         return src.uri, iter_json_rows(download(src.uri, cache_dir, src.args.get("sha256"), offline_hint=hint))
     if src.kind == "hf":
         return f"hf://{src.uri}", iter_hub_rows(src.uri, src.split, src.subset)

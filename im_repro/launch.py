@@ -1,10 +1,11 @@
-"""Job plans and multi-node launching.
+"""Job plans, sweep accounts and multi-node launching.
 
 `dry_run=true` turns every job of a sweep into a plan entry instead of work: its stages with the resources each asks
-for (conf/launch/), what it waits for, whether the run store already holds it under the same key ("reused"), holds
-it under another ("stale": the job would refuse) or not ("to run"), and an estimate of train GPU-hours from
-tokens x parameters at an assumed utilisation. `PlanPrinter`, a Hydra callback, prints the sweep's plan as one table
-with the experiment's report job, which waits for every eval, and the GPU-hours that reuse saves.
+for (launch.resources), what it waits for, whether the run store already holds it under the same key ("reused"),
+holds it under another ("stale": the job would refuse) or not ("to run"), and an estimate of train GPU-hours from
+tokens x parameters at an assumed utilisation. `SweepReport`, a Hydra callback, prints the sweep's plan as one table
+with the experiment's report job, which waits for every eval, and the GPU-hours that reuse saves; after a real sweep,
+its account: every job done, reused or failed (with its run folder, stage and last error line).
 
 Under SLURM, a job that asks for several nodes runs one task per node; each re-executes its own command under
 `accelerate launch` with the node's rank and the first node as the main process (`accelerate_command`).
@@ -13,15 +14,24 @@ Under SLURM, a job that asks for several nodes runs one task per node; each re-e
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
 from im_repro import stages
+from im_repro.common import UserError, read_json, write_json
+from im_repro.config import validate
 from im_repro.runs import Unit
+
+log = logging.getLogger("im_repro")
 
 
 def train_tokens(cfg, run_dir: Path) -> tuple[float, str]:
@@ -55,14 +65,18 @@ def stage_state(units: list[Unit]) -> str:
     return STATES["stale"] if "stale" in states else STATES["partial" if "partial" in states else "new"]
 
 
-def plan(cfg, run_dir: Path) -> dict:
-    """One run's jobs: {run, stages: [{stage, after, state, resources, gpu_hours}]}."""
+def plan(cfg, run_dir: Path, overrides: list[str] = ()) -> dict:
+    """One run's jobs: {run, stages: [{stage, after, state, resources, gpu_hours}]}, its settings checked as a real run
+    would check them. Nothing is written: the empty folder Hydra made for the job goes."""
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+    validate(cfg, overrides)
     entries, names = [], stages.of_phase(cfg)
     units = stages.plan(cfg, run_dir, names).units
     for i, stage in enumerate(names):
         res = cfg.launch.resources.get(stage)
         if res is None:
-            raise ValueError(f"launch.resources has no entry for stage {stage!r} (conf/launch/default.yaml)")
+            raise UserError(f"launch.resources has no entry for stage {stage!r}: add launch.resources.{stage}=...")
         entry = {"stage": stage, "after": names[i - 1] if i else None,
                  "state": stage_state(units[stage]),
                  "resources": {k: res[k] for k in ("nodes", "gpus", "cpus", "mem_gb", "hours")}}
@@ -103,24 +117,123 @@ def format_plan(plans: list[dict]) -> str:
     return "\n".join(lines)
 
 
-class PlanPrinter(Callback):
-    """Collects every job's plan of a dry-run sweep and prints them together (jobs themselves print nothing)."""
+# ------------------------------------------------------------------------------------------ accounts -----------
+
+
+def outcome(run_dir: Path, actions: dict[str, str]) -> dict:
+    """A finished job's line in the sweep's account: done (it computed something) or reused (all was finished)."""
+    return {"run": str(run_dir), "status": "reused" if all(a == "skip" for a in actions.values()) else "done"}
+
+
+def failure(error: BaseException, run_dir: Path) -> dict:
+    """Report a failed job. A mistake a user can fix (common.UserError) is its message, anything else its traceback
+    (HYDRA_FULL_ERROR=1: always the traceback, raised). In a sweep the other jobs go on and the account lists this
+    one; alone, the command ends non-zero."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if run_dir.is_dir() and not any(run_dir.iterdir()):  # Hydra made it for a job that wrote nothing
+        run_dir.rmdir()
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    user = isinstance(error, UserError)
+    if user:
+        print(f"im-repro: error: {error}", file=sys.stderr)
+    else:
+        log.error("%s failed", run_dir, exc_info=error)
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        if user:
+            sys.exit(2)
+        raise error
+    lines = str(error).strip().splitlines() or [""]
+    return {"run": str(run_dir), "status": "failed", "stage": getattr(error, "stage", "start-up"),
+            "error": f"{type(error).__name__}: {lines[-1]}"[:300]}
+
+
+def format_account(outcomes: list[dict]) -> str:
+    counts = {status: sum(o["status"] == status for o in outcomes) for status in ("done", "reused", "failed")}
+    lines = [f"sweep: {len(outcomes)} jobs: " + ", ".join(f"{n} {status}" for status, n in counts.items())]
+    for o in outcomes:
+        if o["status"] == "failed":
+            lines.append(f"  failed  {o['run']}  stage {o['stage']}  {o['error']}")
+    return "\n".join(lines)
+
+
+class SweepReport(Callback):
+    """What a run or sweep did, printed once at its end: the plans of a dry run as one table (jobs print nothing),
+    else each job's outcome (done / reused / failed, a failure with its run folder, stage and last error line). A sweep
+    with a failed job exits non-zero. A job run in another process (a SLURM array) leaves its outcome in
+    `<runs_dir>/.sweeps/<sweep>/`, read back at the end. A dry run writes nothing: Hydra's empty folders go."""
 
     def __init__(self):
         self.plans: list[dict] = []
+        self.outcomes: list[dict] = []
+        self.sweep, self.here, self.before = None, None, {}
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self.sweep, self.here = uuid.uuid4().hex[:12], (socket.gethostname(), os.getpid())
+        runs_dir, yaml_file = Path(config.runs_dir), Path(config.hydra.sweep.dir) / "multirun.yaml"
+        self.before = {"runs_dir": runs_dir.exists(), "multirun.yaml": yaml_file.read_text() if yaml_file.exists()
+                       else None}
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
-        value = getattr(job_return, "_return_value", None)
-        if isinstance(value, dict) and "stages" in value:
+        value = job_return._return_value
+        if isinstance(value, BaseException):  # raised past run_job: HYDRA_FULL_ERROR=1
+            value = {"run": config.hydra.runtime.output_dir, "status": "failed", "stage": "?", "error": repr(value)}
+        if not isinstance(value, dict):
+            return
+        if "stages" in value:
             self.plans.append(value)
+        elif self.here in (None, (socket.gethostname(), os.getpid())):
+            self.outcomes.append(value)
+        else:  # a copy of this callback in a SLURM job: the submitting process reads it back
+            folder = Path(config.runs_dir) / ".sweeps" / self.sweep
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json(folder / f"{config.hydra.job.num}.json", value)
 
     def on_run_end(self, config, **kwargs) -> None:
-        self.on_multirun_end(config)
-
-    def on_multirun_end(self, config, **kwargs) -> None:
         if self.plans:
             print(format_plan(self.plans))
-            self.plans = []
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        folder = Path(config.runs_dir) / ".sweeps" / str(self.sweep)
+        self.outcomes += [read_json(p) for p in sorted(folder.glob("*.json"))]
+        shutil.rmtree(folder, ignore_errors=True)
+        if self.plans:
+            print(format_plan(self.plans))
+            self.forget_dry_run(config)
+        if self.outcomes:
+            print(format_account(self.outcomes))
+        if any(o["status"] == "failed" for o in self.outcomes):
+            raise SystemExit(1)
+
+    def forget_dry_run(self, config) -> None:
+        """Undo what Hydra wrote for a dry run: its multirun.yaml, and the runs folder if it made it."""
+        yaml_file = Path(config.hydra.sweep.dir) / "multirun.yaml"
+        if self.before.get("multirun.yaml") is None:
+            yaml_file.unlink(missing_ok=True)
+        else:
+            yaml_file.write_text(self.before["multirun.yaml"])
+        runs_dir = Path(config.runs_dir)
+        if not self.before.get("runs_dir") and runs_dir.is_dir() and not any(runs_dir.iterdir()):
+            runs_dir.rmdir()
+
+
+def unwritable(argv: list[str]) -> str | None:
+    """Why the run directory a command names (runs_dir=, hydra.run.dir=, hydra.sweep.dir=; else ./runs) cannot be
+    written, or None: checked before Hydra makes the folder."""
+    named = {key: value for key, _, value in (arg.partition("=") for arg in argv)
+             if key in ("runs_dir", "hydra.run.dir", "hydra.sweep.dir") and value and "$" not in value}
+    for key, value in (named or {"runs_dir": "runs"}).items():
+        existing = Path(value).absolute()
+        while not existing.exists():
+            existing = existing.parent
+        try:  # a real attempt: root passes permission bits, not a filesystem that refuses new files
+            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".im-repro-check-"))
+        except OSError as e:
+            return (f"{key}={value}: cannot write to {existing} ({e.strerror}). Pass a folder you can write to, "
+                    f"e.g. runs_dir=$HOME/im-repro-runs")
+    return None
 
 
 def accelerate_command(cfg, env: dict[str, str], argv: list[str]) -> list[str] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,22 +14,36 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from im_repro import keys
+from im_repro.common import UserError, read_json
 
 log = logging.getLogger("im_repro")
+
+
+class CannotLoad(UserError, FileNotFoundError):
+    """A model or tokenizer a config names is not there: the message says why and what to pass instead."""
+
+
+def cannot_load(cfg, what: str, source: str, error: Exception) -> CannotLoad:
+    text = str(error)
+    if any(word in text for word in ("gated", "401", "403", "restricted")):
+        fix = (f"the Hub keeps {source} gated: request access at https://huggingface.co/{source} and log in "
+               "(`hf auth login`), or pass model.path=<a local copy>")
+    elif os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in text.lower() or "connect" in text.lower():
+        fix = (f"{source} is not in the local Hugging Face cache and the Hub is not reached (HF_HUB_OFFLINE=1, which "
+               "the Makefile sets): download it once with HF_HUB_OFFLINE=0, or pass model.path=<a local copy>")
+    else:
+        fix = "pass model.path=<a local folder or a Hub id> (for the offline CPU models, run `make setup`)"
+    return CannotLoad(f"model={cfg.name}: cannot load the {what} from {source!r}: {fix}. ({type(error).__name__}: "
+                      f"{text.splitlines()[0] if text else ''})")
 
 
 def load_tokenizer(cfg):
     """The tokenizer a model config names: `tokenizer` (+ `tokenizer_gguf_file`) or else `path` (+ `gguf_file`)."""
     path, gguf = (cfg.tokenizer, cfg.tokenizer_gguf_file) if cfg.tokenizer else (cfg.path, cfg.gguf_file)
-    kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         tokenizer = load_slow_sentencepiece(path) if not cfg.use_fast_tokenizer else tokenizer_from_pretrained(path, gguf)
     except OSError as e:
-        raise FileNotFoundError(
-            f"model={cfg.name}: cannot load the tokenizer from {path!r}"
-            + (f" (gguf_file={gguf!r})" if gguf else "")
-            + f": {e}. For the offline CPU models run `make setup` (it writes artifacts/)."
-        ) from e
+        raise cannot_load(cfg, "tokenizer" + (f" (gguf_file={gguf})" if gguf else ""), path, e) from e
     if cfg.chat_template:
         tokenizer.chat_template = borrowed_chat_template(cfg.chat_template, cfg.name)
     return tokenizer
@@ -99,7 +114,7 @@ def load_model(cfg, vocab_size: int):
                 cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation, **kwargs
             )
         except OSError as e:
-            raise FileNotFoundError(f"model={cfg.name}: cannot load {cfg.path!r}: {e}") from e
+            raise cannot_load(cfg, "weights", cfg.path, e) from e
     else:
         raise ValueError(f"model.init must be pretrained or random, got {cfg.init!r}")
     if model.get_input_embeddings().num_embeddings < vocab_size:
@@ -122,6 +137,31 @@ def load_inference(model_path: str, tokenizer_path: str, dtype="auto", gguf_file
     tokenizer = tokenizer_from_pretrained(tokenizer_path, gguf_file)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **kwargs)
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
+
+
+def checkpoint_identity(source: str) -> dict:
+    """What a checkpoint is, whatever path names it: a run's trained model by its training's key, another local folder
+    by its files' sha256, a Hub id by its revision (the commit the local cache or the Hub resolves `main` to)."""
+    folder = Path(source)
+    if folder.is_dir():
+        marker = read_json(folder.parent / "_COMPLETE") if folder.name == "final" else None
+        return {"train": marker["key"]} if marker and "key" in marker else {"checkpoint": keys.content(source)}
+    return {"hub": source, "revision": hub_revision(source)}
+
+
+def hub_revision(repo_id: str) -> str | None:
+    """The commit `main` of a Hub model resolves to: from the local cache, else the Hub; None where neither says."""
+    from huggingface_hub import HfApi, constants
+
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / "main"
+    if ref.is_file():
+        return ref.read_text().strip()
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return None
+    try:
+        return HfApi().model_info(repo_id).sha
+    except Exception:  # noqa: BLE001  (gated, unknown or unreachable: loading it says which, with the fix)
+        return None
 
 
 @dataclass(frozen=True)
@@ -168,7 +208,7 @@ def evaluated(cfg, run_dir: Path, train_key: str | None) -> Evaluated:
     when it trains nothing), else the base model."""
     dtype = {"dtype": cfg.eval.dtype}  # float32 and bfloat16 log-likelihoods differ: part of every score's key
     if cfg.eval.checkpoint:
-        return Evaluated("checkpoint", {"checkpoint": keys.content(cfg.eval.checkpoint) or cfg.eval.checkpoint, **dtype})
+        return Evaluated("checkpoint", {**checkpoint_identity(cfg.eval.checkpoint), **dtype})
     if train_key is not None:
         return Evaluated("trained", {"train": train_key, **dtype})
     return Evaluated("base", {"base": keys.model_settings(cfg), **dtype})

@@ -126,8 +126,6 @@ def run(job: Job) -> None:
     """Writes `<run>/prepare/`; marks it complete with a summary."""
     cfg, out = job.cfg, job.run_dir / "prepare"
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.data.subset.kind and cfg.data.limit:  # the limit would cut the pool the subset is chosen from
-        raise ValueError(f"data={cfg.data.name}: data.limit and data.subset cannot be combined")
     examples, report = data.load_examples(cfg.data, cfg.prepare.cache_dir)
     if not examples:
         write_json(out / "data_stats.json", {"data": report.as_dict()})

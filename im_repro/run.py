@@ -9,6 +9,7 @@ and which process runs what; the stages (im_repro/stages.py) only compute and ma
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -18,7 +19,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from im_repro import config, data, launch, runs, stages
+# transformers prints a line to stdout when it is imported under WANDB_MODE=offline (the Makefile sets it), which
+# would spoil `im-repro --cfg job > cfg.yaml`
+with contextlib.redirect_stdout(sys.stderr):
+    from im_repro import config, data, launch, runs, stages
 from im_repro.common import UserError, is_main, world_size
 from im_repro.runs import Manifest, now
 
@@ -72,8 +76,9 @@ def lima_overrides(path: str | None) -> list[str]:
 
 
 def main() -> None:
-    """`im-repro [overrides]`: a renamed key fails before Hydra composes anything, naming its new name."""
-    problem = config.renamed(sys.argv[1:])
+    """`im-repro [overrides]`: a renamed key, or a run directory that cannot be written, fails before Hydra composes
+    anything, naming the fix."""
+    problem = config.renamed(sys.argv[1:]) or launch.unwritable(sys.argv[1:])
     if problem:
         sys.exit(f"im-repro: {problem}")
     run_job()
@@ -81,35 +86,44 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="config")
 def run_job(cfg: DictConfig) -> dict | None:
-    names = stages.of_phase(cfg)
+    """One job (a run, or one run of a sweep): its plan in a dry run, else its stages. What it returns is its line in
+    the sweep's account (launch.SweepReport); a failure is reported there, or ends a single run with its message."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    overrides = list(HydraConfig.get().overrides.task)
-    if cfg.dry_run:  # the plan goes to launch.PlanPrinter, which prints the sweep's jobs together
-        return launch.plan(cfg, run_dir)
-    if launch.relaunch(cfg, run_dir, overrides):  # one node of a multi-node job: accelerate ran the stages
-        return None
-    log.info("run directory: %s", run_dir)
-    execute(cfg, run_dir, names, overrides)
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+        names = stages.of_phase(cfg)
+        if cfg.dry_run:  # launch.SweepReport prints the sweep's plans together
+            return launch.plan(cfg, run_dir, overrides)
+        if launch.relaunch(cfg, run_dir, overrides):  # one node of a multi-node job: accelerate ran the stages
+            return None
+        return launch.outcome(run_dir, execute(cfg, run_dir, names, overrides))
+    except Exception as error:  # noqa: BLE001  (every failure is reported: launch.failure says how)
+        return launch.failure(error, run_dir)
 
 
 def execute(cfg, run_dir: Path, names: list[str], overrides: list[str] = ()) -> dict[str, str]:
     """Run the stages `names` in `run_dir`, appending this invocation to its manifest; returns {unit: skip | resume |
-    fresh}. Every unit is checked before any work starts, so a stale one refuses the whole command (runs.StaleOutput),
-    as does a stage whose inputs are missing (stages.check_needs)."""
-    manifest = Manifest(run_dir, OmegaConf.to_container(cfg, resolve=True), list(overrides))
-    try:
-        actions = run_units(cfg, run_dir, names, manifest)
-    except BaseException as e:
-        manifest.finish("failed", repr(e))
-        raise
-    manifest.finish("done")
+    fresh}. One process works in a run directory at a time (runs.locked). Every unit is checked before anything is
+    written, so a stale one refuses the whole command (runs.StaleOutput), as does a stage whose inputs are missing
+    (stages.check_needs), and settings out of range (config.validate)."""
+    config.validate(cfg, overrides)
+    with runs.locked(run_dir):
+        plan = stages.plan(cfg, run_dir, names)
+        actions = runs.decide(plan.all(), cfg.force)
+        stages.check_needs(cfg, run_dir, names, plan.model)
+        manifest = Manifest(run_dir, OmegaConf.to_container(cfg, resolve=True), list(overrides))
+        with runs.log_file(run_dir / "run.log"):
+            log.info("run directory: %s", run_dir)
+            try:
+                run_units(cfg, run_dir, names, plan, actions, manifest)
+            except BaseException as e:
+                manifest.finish("failed", repr(e))
+                raise
+            manifest.finish("done")
     return actions
 
 
-def run_units(cfg, run_dir: Path, names: list[str], manifest: Manifest) -> dict[str, str]:
-    plan = stages.plan(cfg, run_dir, names)
-    actions = runs.decide(plan.all(), cfg.force)
-    stages.check_needs(cfg, run_dir, names, plan.model)
+def run_units(cfg, run_dir: Path, names: list[str], plan, actions: dict[str, str], manifest: Manifest) -> None:
     for name in names:
         stage = stages.STAGES[name]
         todo = [u for u in plan.units[name] if actions[u.name] != "skip"]
@@ -132,9 +146,9 @@ def run_units(cfg, run_dir: Path, names: list[str], manifest: Manifest) -> dict[
                 if unit.name not in job.finished:
                     unit.abandon()
             manifest.stage(name, status="failed", ended=now(), error=repr(e))
+            e.stage = name  # for the sweep's account (launch.failure)
             raise
         manifest.stage(name, status="done", ended=now())
-    return actions
 
 
 if __name__ == "__main__":

@@ -9,21 +9,24 @@ This module knows no stage: im_repro/stages.py makes the units.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import platform
 import shutil
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from im_repro import keys
-from im_repro.common import is_main, read_json, write_json
+from im_repro.common import UserError, is_main, read_json, write_json
 
 PACKAGES = (
     "im-repro", "torch", "transformers", "tokenizers", "datasets", "accelerate", "deepspeed", "hydra-core",
@@ -123,8 +126,49 @@ def read_record(path: Path) -> dict | None:
         return None
 
 
-class StaleOutput(RuntimeError):
+class StaleOutput(UserError, RuntimeError):
     """Outputs in a run directory were made under other settings than this command's."""
+
+
+@contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """One process at a time in a run directory (the other ranks of a launch follow rank 0): an exclusive lock on a
+    file beside the folder, so a refused command writes nothing in it. A second process refuses at once, naming the
+    first; the kernel releases the lock of a process that dies."""
+    if not is_main():
+        yield
+        return
+    run_dir = Path(run_dir).resolve()
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = run_dir.parent / f".{run_dir.name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(f"{run_dir} is in use by {holder}: two commands in one run directory would both prepare "
+                        "and train it. Wait for that one to finish, or run this one elsewhere (hydra.run.dir=DIR)")
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"im-repro pid {os.getpid()} on {socket.gethostname()} since {now()}".encode(), 0)
+        yield
+    finally:
+        os.unlink(path)  # before the lock goes, so nobody locks a file about to vanish
+        os.close(fd)
+
+
+@contextmanager
+def log_file(path: Path) -> Iterator[None]:
+    """This invocation's log lines also appended to `path` (the run's run.log), written only once its checks passed."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 @dataclass

@@ -11,14 +11,15 @@ one entry here and its module.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from im_repro import heldout_loss, keys, memorization, prepare, train
+from im_repro import data, heldout_loss, keys, memorization, prepare, train
 from im_repro.common import UserError
 from im_repro.evaluate import suite
-from im_repro.model import Evaluated, evaluated
+from im_repro.model import Evaluated, checkpoint_identity, evaluated
 from im_repro.runs import Job, Unit, read_record
 
 TRAINING = ("prepare", "train")  # what a method that trains nothing (method=base) leaves out
@@ -131,10 +132,14 @@ def check_needs(cfg, run_dir: Path, names: list[str], model: Evaluated | None) -
 
 def run_name(cfg) -> str:
     """`<data>__<model>__<method>__<train>__seed<k>__<key>` (key: the short hash of what the run trains); the base
-    model's runs have no data or recipe: `base__<model>__seed<k>__<key of the model>`."""
+    model's runs have no data or recipe: `base__<model>__seed<k>__<key of the model>`; a checkpoint scored as it is
+    (eval.checkpoint): `checkpoint__<its folder or Hub id>__seed<k>__<key of what it is>`."""
+    if cfg.eval.checkpoint:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(Path(cfg.eval.checkpoint).parts[-3:]))
+        return f"checkpoint__{name}__seed{cfg.seed}__{keys.digest(checkpoint_identity(cfg.eval.checkpoint))[:6]}"
     if not trains(cfg):
         key = keys.digest({"base": keys.model_settings(cfg)})[:6]
         return f"{cfg.method.name}__{cfg.model.name}__seed{cfg.seed}__{key}"
     key = keys.digest(train.settings(cfg, None, contents=False))[:6]
-    return f"{cfg.data.name}__{cfg.model.name}__{cfg.method.name}__{cfg.train.name}__seed{cfg.seed}__{key}"
+    return f"{data.label(cfg.data)}__{cfg.model.name}__{cfg.method.name}__{cfg.train.name}__seed{cfg.seed}__{key}"
 

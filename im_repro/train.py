@@ -38,8 +38,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from im_repro import keys, prepare
 from im_repro import model as model_lib
-from im_repro.common import world_size
-from im_repro.config import plain
+from im_repro.common import read_jsonl, world_size
+from im_repro.config import accumulation_steps, plain
 from im_repro.runs import Job
 from im_repro.templates import TULU_CHAT_TEMPLATE, Span
 
@@ -285,16 +285,6 @@ def last_complete_checkpoint(checkpoints: Path) -> tuple[Path | None, list[Path]
 # ------------------------------------------------------------------------------------------ the stage ---------
 
 
-def gradient_accumulation(cfg, world_size: int) -> int:
-    per_step = cfg.train.per_device_batch_size * world_size
-    if cfg.train.global_batch_size % per_step:
-        raise ValueError(
-            f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
-            f"train.per_device_batch_size={cfg.train.per_device_batch_size} x {world_size} processes"
-        )
-    return cfg.train.global_batch_size // per_step
-
-
 def training_arguments(cfg, out: Path, accumulation: int) -> TrainingArguments:
     t = cfg.train
     return TrainingArguments(
@@ -331,18 +321,6 @@ def training_arguments(cfg, out: Path, accumulation: int) -> TrainingArguments:
     )
 
 
-def check_weighting(method) -> None:
-    """The *_nonzero reductions and method.response_weight act on mask=weighted's weights only (for 0/1 weights the
-    reductions agree: another name would only make another run of the same model)."""
-    mask, reduction = plain(method.mask), plain(method.reduction)
-    if mask != "weighted" and (reduction.endswith("_nonzero") or method.response_weight is not None):
-        raise ValueError(f"method.reduction={reduction} and method.response_weight={method.response_weight} "
-                         f"are only used with mask=weighted, not mask={mask}")
-    if method.response_weight is not None and not method.response_weight > 0:
-        raise ValueError(f"method.response_weight must be > 0 (the output tokens carry the loss), got "
-                         f"{method.response_weight}")
-
-
 def settings(cfg, model=None, contents: bool = True) -> dict:
     """What the trained model depends on (its key): the prepared data's key, the base model, the recipe, the loss
     and the seed. `contents=False` names local tokenizer folders by path (run names are computed without reading them)."""
@@ -367,8 +345,7 @@ def run(job: Job) -> None:
     dataset = datasets.load_from_disk(str(prepared))
     if sum(dataset["num_supervised"]) == 0:
         raise ValueError(f"{prepared}: no example has a supervised token")
-    check_weighting(cfg.method)
-    accumulation = gradient_accumulation(cfg, world_size())
+    accumulation = accumulation_steps(cfg.train.global_batch_size, cfg.train.per_device_batch_size, world_size())
     if cfg.train.kl.mode != "none" and cfg.train.deepspeed:
         stage = json.loads(Path(cfg.train.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
         if stage == 3:  # the reference is a deep copy of the model, which a ZeRO-3 partitioned model cannot give
@@ -423,5 +400,10 @@ def run(job: Job) -> None:
         tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-    job.finish(unit.name, {"global_step": result.global_step, "train_loss": result.training_loss,
-                           "resumed_from": last})
+    steps = [r for r in read_jsonl(out / "log.jsonl", missing_ok=True) if "loss" in r]
+    summary = {"global_step": result.global_step, "train_loss": result.training_loss, "resumed_from": last,
+               "final_loss": steps[-1]["loss"] if steps else None, "tokens": sum(r.get("tokens", 0) for r in steps)}
+    job.finish(unit.name, summary)
+    log.info("train: %d optimizer steps, %s tokens; loss %.4f at the last step, %.4f over the run -> %s",
+             summary["global_step"], f"{summary['tokens']:,}", summary["final_loss"] or float("nan"),
+             summary["train_loss"], final)

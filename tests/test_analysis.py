@@ -324,7 +324,7 @@ def test_prepare_keeps_the_configured_subset_and_reports_it(tmp_path):
     stats = json.loads((tmp_path / "run" / "prepare" / "data_stats.json").read_text())
     assert stats["subset"]["n"] == 2 and stats["subset"]["examples"] == 6 and stats["length_stats"]["size"] == 2
     assert stats["length_stats"]["instruction"] == pytest.approx((3 + 4) / 2)
-    with pytest.raises(ValueError, match="data.limit and data.subset cannot be combined"):
+    with pytest.raises(UserError, match="data.limit and data.subset cannot be combined"):
         execute(compose_with("data=tulu_v2_ratio5", f"data.path={data}", "data.limit=3"), tmp_path / "run2", ["prepare"])
 
 

@@ -94,6 +94,33 @@ def test_prompts_loglikelihoods_and_metrics_equal_lm_eval_simple_evaluate(tmp_pa
         assert metrics[name] == 100 * ref["results"][task][cfg.eval.harness.tasks[name].metric]
 
 
+def test_a_checkpoint_evaluated_by_eval_checkpoint_gives_simple_evaluates_log_likelihoods(tmp_path, monkeypatch):
+    """The README's way to evaluate a checkpoint: `stages=[eval] eval.checkpoint=<folder>` scores that folder's model
+    (here: one trained for two steps, not the random initialisation the defaults would build)."""
+    from tests.conftest import CONVERSATIONS
+
+    monkeypatch.setenv("IM_REPRO_CACHE", str(tmp_path / "cache"))
+    trained = tmp_path / "trained"
+    execute(compose_with("data=lima", f"data.path={CONVERSATIONS}", "data.limit=8", "model=tiny", "train=smoke",
+                         "train.max_steps=2", "train.max_seq_length=128", "train.global_batch_size=4",
+                         "train.per_device_batch_size=4", "train.save_strategy=no", "train.learning_rate=0.05",
+                         "method=it"), trained, ["prepare", "train"])
+    final = trained / "train" / "final"
+    run = tmp_path / "scored"
+    cfg = compose_with("eval=smoke", "stages=[eval]", f"eval.checkpoint={final}", "eval.only=[arc_easy]",
+                       "eval.harness.limit=6")
+    execute(cfg, run, ["eval"])
+    spec = cfg.eval.harness.tasks.arc_easy
+    reference_task(tmp_path / "ref", "arc_easy_local", spec.task, dict(spec.data_files), num_fewshot=0)
+    ref = reference_run(final, tmp_path / "ref", ["arc_easy_local"], limit=6, batch_size=cfg.eval.harness.batch_size)
+    ours, theirs = stage_samples(run, "arc_easy"), ref["samples"]["arc_easy_local"]
+    assert [s["resps"] for s in ours] == [s["resps"] for s in theirs] and len(ours) == 6
+    assert not (run / "eval" / "random_init").exists()
+    # what the switch guards against: the untrained initialisation scores otherwise
+    execute(compose_with(*OFFLINE, "eval.only=[arc_easy]", "eval.harness.limit=6"), tmp_path / "base", ["eval"])
+    assert [s["resps"] for s in stage_samples(tmp_path / "base", "arc_easy")] != [s["resps"] for s in ours]
+
+
 def test_seeds_are_lm_evals_defaults_and_not_the_run_seed(tmp_path):
     from lm_eval import simple_evaluate
 

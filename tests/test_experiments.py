@@ -76,4 +76,4 @@ def test_every_experiment_runs_end_to_end_under_debug(tmp_path, monkeypatch):
         assert row["alpaca_eval_2"] and 0 <= float(row["alpaca_eval_2"]) <= 100, row
         assert not row["mean"] and "mean: needs all six categories" in row["missing"], row
     baselines = {table3[(m, "")]["runs"] for m in ("it", "im")}
-    assert all(b.startswith(str(store / "lima__tiny__")) for b in baselines)
+    assert all(b.startswith(str(store / "conversations__tiny__")) for b in baselines)

@@ -113,7 +113,7 @@ def test_prepare_reuses_refuses_and_recomputes(tmp_path, data):
     assert json.loads((run / "prepare" / "data_stats.json").read_text())["data"]["kept"] == 6
     assert stage(run, data, ["prepare"], "data.limit=6") == {"prepare": "skip"}
     manifest = json.loads((run / "manifest.json").read_text())
-    assert [i["status"] for i in manifest["invocations"]] == ["done", "done", "failed", "done", "done"]
+    assert [i["status"] for i in manifest["invocations"]] == ["done"] * 4  # the refused command wrote nothing
     assert "data.limit=8" in manifest["invocations"][0]["overrides"] or manifest["invocations"][0]["config"]
 
 
@@ -127,6 +127,8 @@ def test_train_never_resumes_a_checkpoint_of_other_settings(tmp_path, data):
     assert list((run / "train" / "checkpoints").iterdir())
     with pytest.raises(StaleOutput, match=r"train: .* train\.learning_rate: 0\.001 -> 0\.01"):
         stage(run, data, ["prepare", "train"], "train.learning_rate=1e-2")
+    with pytest.raises(StaleOutput, match=r"train: .* prepare\.max_seq_length: 64 -> 32"):  # names the setting
+        stage(run, data, ["train"], "train.max_seq_length=32", "force=false")
     actions = stage(run, data, ["prepare", "train"], "train.learning_rate=1e-2", "force=true")
     assert actions == {"prepare": "fresh", "train": "fresh"}
     second = json.loads((run / "train" / "_COMPLETE").read_text())

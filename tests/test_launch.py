@@ -144,10 +144,10 @@ def test_one_run_store_table4_and_table3_reuse_table1s_runs(tmp_path):
         return proc.stdout.splitlines()
 
     im_repro("-m", "experiment=table1")
-    assert len(list((tmp_path / "runs").glob("lima__tiny__*__smoke__seed42__*/train/_COMPLETE"))) == 3
+    assert len(list((tmp_path / "runs").glob("data__tiny__*__smoke__seed42__*/train/_COMPLETE"))) == 3
     plan = im_repro("-m", "experiment=table4", "dry_run=true")
     states = {(line.split()[0].split("__")[2], line.split()[1]): line.split("  ")[-1].strip()
-              for line in plan if line.startswith("lima__tiny__")}
+              for line in plan if line.startswith("data__tiny__")}
     assert states == {("im", "prepare"): "reused", ("im", "train"): "reused",
                       ("im_neftune", "prepare"): "to run", ("im_neftune", "train"): "to run"}
 
@@ -157,4 +157,4 @@ def test_one_run_store_table4_and_table3_reuse_table1s_runs(tmp_path):
     found = {(r["method"], r["kl_lambda"]): r["status"] for r in report["runs"]}
     assert found[("it", None)] == found[("im", None)] == "done"  # Table 1's runs, trained once
     assert found[("kl", 0.1)] is None  # never trained: its cells say "missing: run ... not found"
-    assert "missing: run lima__tiny__kl__smoke__seed42__" in report["skipped"]["table3"]  # and no eval ran
+    assert "missing: run data__tiny__kl__smoke__seed42__" in report["skipped"]["table3"]  # and no eval ran

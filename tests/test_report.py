@@ -181,7 +181,13 @@ def test_table1_markdown_csv_latex(runs: Path):
     assert all(len(re.findall(r"(?<!\\)&", line)) == 13 for line in body)  # every line has all 14 cells
     assert r"alpagasus\_3k\_dolly" in tex and "—" not in tex
 
-    for text, mark in ((md, "- "), ((out / "table1.csv").read_text(), "# "), (tex, "% ")):
+    meta = json.loads((out / "table1.meta.json").read_text())  # the CSV's sidecar: the CSV itself is only data
+    assert all(f"- {line}" in md for line in meta["provenance"]) and meta["suffixes"]["_delta_matched"]
+    import pandas as pd
+
+    frame = pd.read_csv(out / "table1.csv")
+    assert len(frame) == 4 and {"mean_se", "mean_delta_matched", "mean_delta_items"} <= set(frame.columns)
+    for text, mark in ((md, "- "), ("\n".join(f"# {line}" for line in meta["provenance"]), "# "), (tex, "% ")):
         assert f"{mark}label: synthetic test - not a reproduction" in text
         assert f"{mark}generated: " in text
         assert f"{mark}paper numbers: results/paper/table1.yaml" in text

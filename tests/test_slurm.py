@@ -238,8 +238,8 @@ def test_sweep_through_slurm(slurm_partition, tmp_path):
     proc, first = sweep(slurm_partition, data, runs, env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:] + job_logs(runs)
     run_dirs = sorted(p.parent for p in runs.rglob("manifest.json"))
-    assert [p.name.rsplit("__", 1)[0] for p in run_dirs] == ["lima__tiny__im__smoke__seed42",
-                                                             "lima__tiny__it__smoke__seed42"], run_dirs
+    assert [p.name.rsplit("__", 1)[0] for p in run_dirs] == ["conversations__tiny__im__smoke__seed42",
+                                                             "conversations__tiny__it__smoke__seed42"], run_dirs
     # Through SLURM: submitit's sbatch script, one job array of two, each task's result pickled.
     scripts = list(runs.rglob(".submitit/*/*_submission.sh"))
     assert len(scripts) == 1 and f"#SBATCH --partition={slurm_partition}" in scripts[0].read_text()

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.neftune import activate_neftune
 
-from im_repro import train
+from im_repro import config, train
 from im_repro.common import UserError
 from im_repro.run import execute
 from im_repro.collate import Collator
@@ -268,11 +268,10 @@ def test_weighted_loss_equals_a_float64_loop(per, divisor, response_weight):
 
 
 def test_weighting_knobs_are_refused_outside_mask_weighted():
-    method = compose_with("method=im", "method.reduction=per_example_nonzero").method
-    with pytest.raises(ValueError, match="only used with mask=weighted, not mask=im"):
-        train.check_weighting(method)
-    with pytest.raises(ValueError, match="response_weight must be > 0"):
-        train.check_weighting(compose_with("method=weighted", "method.response_weight=0").method)
+    with pytest.raises(UserError, match="act on mask=weighted's weights only .* not mask=im"):
+        config.validate(compose_with("method=im", "method.reduction=per_example_nonzero"))
+    with pytest.raises(UserError, match=r"method.response_weight=0.0 \(must be > 0"):
+        config.validate(compose_with("method=weighted", "method.response_weight=0"))
 
 
 def test_kl_released_at_lambda_one_has_zero_gradient(tiny_and_batch):
@@ -389,7 +388,7 @@ def test_wandb_writes_under_the_run_directory(tmp_path, monkeypatch):
 
 def test_bad_settings_fail_before_any_compute(tmp_path):
     pipeline(tmp_path, "method=it", stages=("prepare",))
-    with pytest.raises(ValueError, match="not a multiple of"):
+    with pytest.raises(UserError, match="not a multiple of"):
         pipeline(tmp_path, "method=it", "train.global_batch_size=5", stages=("train",))
     assert not (tmp_path / "train").exists()
     with pytest.raises(UserError, match="train needs the prepare stage's output"):

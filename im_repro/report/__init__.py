@@ -81,6 +81,8 @@ def run(cfg, runs: list[Run]) -> dict:
             log.info("report: wrote %s", ", ".join(result))
     write_json(out / "report.json", report)
     (out / "summary.md").write_text(summary_markdown(report), encoding="utf-8")
+    log.info("report: %d written (%s), %d skipped (reasons in %s) -> %s", len(report["written"]),
+             ", ".join(report["written"]) or "none", len(report["skipped"]), out / "summary.md", out)
     return report
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from im_repro.data import label as data_label
 from im_repro.runs import latest, read_manifest
 
 def dig(data: Any, path: str, default: Any = None) -> Any:
@@ -129,7 +130,7 @@ def identity(run: Run) -> dict[str, Any]:
     method = dig(c, "method.name")
     return {
         "model": dig(c, "model.name"),
-        "dataset": None if method == "base" else dig(c, "data.name"),  # the paper's base rows have none
+        "dataset": None if method == "base" else data_label(dig(c, "data", {})),  # the paper's base rows have none
         "method": method,
         "kl_mode": kl,
         "kl_lambda": dig(c, "train.kl.weight") if kl else None,

@@ -40,7 +40,8 @@ CURVES = ("output_loss", "instruction_loss")
 
 
 def curves(runs: Sequence[Run], baseline: str):
-    """Per-step output and instruction loss of every run (train/log.jsonl): IT against IM."""
+    """Per-step output and instruction loss of every run (train/log.jsonl): IT against IM. Each point is the loss on
+    one step's training batch (as logged while training), not a held-out loss: the captions say so."""
     series = {}
     for run in runs:
         records = read_jsonl(run.path / "train" / "log.jsonl", missing_ok=True)
@@ -58,7 +59,8 @@ def curves(runs: Sequence[Run], baseline: str):
                 steps, losses = zip(*series[run, key])
                 style = "-" if identity(run)["method"] == baseline else "--"
                 ax.plot(steps, losses, style, color=f"C{i % 10}", label=run_label(run))
-        ax.set(title=key.replace("_", " "), xlabel="optimizer step", ylabel="mean token loss (nats)")
+        ax.set(title=f"training {key.replace('_', ' ')}: each point one optimizer step's batch",
+               xlabel="optimizer step", ylabel="mean token loss on that batch (nats)")
         ax.legend(fontsize=7)
     return fig
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from im_repro.report.collect import Run, identity, number, one_line
 from im_repro.report.tables import Row, TableSpec, build, why_empty
 from im_repro.runs import git_state, now
 
-TABLE_FILES = (".md", ".csv", ".tex")
+TABLE_FILES = (".md", ".csv", ".tex", ".meta.json")
 NONE = "—"  # a key that does not apply, or a number the paper does not give
 
 # ------------------------------------------------------------------------------------------ rendering ---------
@@ -186,16 +187,27 @@ def latex(doc: Document) -> str:
     return "\n".join(lines) + "\n"
 
 
-def csv_text(spec: TableSpec, rows: Sequence[Row], prov: list[str]) -> str:
-    """One line per row: each column's value, delta, paper value and ours - paper; reasons in `missing`."""
+CSV_COLUMNS = {  # per table column: the CSV's column suffix and what it holds (the sidecar <table>.meta.json says so)
+    "": "our value (the mean over seeds where the row has several)",
+    "_std": "sample standard deviation over seeds", "_n": "seeds the value is the mean of",
+    "_se": "the cell's standard error", "_delta": "our value minus the baseline row's",
+    "_delta_matched": "the same difference over the items both rows scored, which the interval is about",
+    "_delta_low": "low end of the paired interval of _delta_matched", "_delta_high": "its high end",
+    "_delta_significant": "1 when that interval excludes zero", "_delta_items": "items both rows scored",
+    "_delta_unmatched": "items only one row scored, left out of the interval",
+}
+PAPER_COLUMNS = {"_paper": "the paper's value", "_vs_paper": "our value minus the paper's"}
+
+
+def csv_text(spec: TableSpec, rows: Sequence[Row]) -> str:
+    """One line per row, no comment lines (pandas.read_csv reads it as is): each column's value, spread, standard
+    error, difference from the baseline row with its paired interval, paper value; `runs`, and reasons in `missing`."""
     def fmt(value: float | None) -> str:
         return "" if value is None else repr(round(value, 6))
 
-    suffixes = ("", "_std", "_n", "_se", "_delta", "_delta_low", "_delta_high", "_delta_significant")
-    suffixes += ("_paper", "_vs_paper") if spec.paper else ()
+    suffixes = [*CSV_COLUMNS, *(PAPER_COLUMNS if spec.paper else ())]
     header = [*spec.keys, *(c.name + s for c in spec.columns for s in suffixes), "runs", "missing"]
     buffer = io.StringIO()
-    buffer.write("".join(f"# {line}\n" for line in prov))
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for row in rows:
@@ -205,8 +217,9 @@ def csv_text(spec: TableSpec, rows: Sequence[Row], prov: list[str]) -> str:
             theirs = number(row.paper.get(c.name)) if row.paper else None
             cell = row.cells[c.name]
             d = row.interval.get(c.name)
+            paired = (d.difference, d.low, d.high, int(d.excludes_zero), d.n, d.unmatched) if d else (None,) * 6
             mine = [ours, cell.std, cell.n if ours is not None else None, row.stderr.get(c.name),
-                    row.delta.get(c.name), *((d.low, d.high, int(d.excludes_zero)) if d else (None, None, None))]
+                    row.delta.get(c.name), *paired]
             if spec.paper:
                 mine += [theirs, ours - theirs if None not in (ours, theirs) else None]
             values += [fmt(v) for v in mine]
@@ -214,6 +227,14 @@ def csv_text(spec: TableSpec, rows: Sequence[Row], prov: list[str]) -> str:
         writer.writerow([*("" if row.keys[k] is None else row.keys[k] for k in spec.keys), *values,
                          " ".join(str(r.path) for r in row.runs), missing])
     return buffer.getvalue()
+
+
+def metadata(spec: TableSpec, prov: list[str], settings: StatsConfig) -> dict:
+    """The CSV's sidecar: what made it and what each column holds."""
+    return {"title": spec.title, "provenance": prov, "keys": list(spec.keys),
+            "columns": {c.name: c.header for c in spec.columns},
+            "suffixes": {**CSV_COLUMNS, **(PAPER_COLUMNS if spec.paper else {})},
+            "uncertainty": stats.method_note(settings) if spec.items else None}
 
 
 def write_table(name: str, spec: TableSpec, settings: StatsConfig, runs: Sequence[Run], label: str, baseline: str,
@@ -225,7 +246,8 @@ def write_table(name: str, spec: TableSpec, settings: StatsConfig, runs: Sequenc
         return why
     prov = provenance(rows, label, spec.paper)
     doc = document(spec, rows, label, baseline, prov, settings)
-    texts = {".md": markdown(doc), ".csv": csv_text(spec, rows, prov), ".tex": latex(doc)}
+    texts = {".md": markdown(doc), ".csv": csv_text(spec, rows), ".tex": latex(doc),
+             ".meta.json": json.dumps(metadata(spec, prov, settings), indent=2)}
     for suffix, text in texts.items():
         (out / f"{name}{suffix}").write_text(text, encoding="utf-8")
     return [str(out / f"{name}{suffix}") for suffix in texts]
