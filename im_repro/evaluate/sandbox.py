@@ -13,10 +13,20 @@
 
 As root every tool runs the program as a throwaway uid (bwrap itself runs as it): RLIMIT_NPROC then bounds a fork
 bomb (the kernel does not apply it to root) and the program cannot signal other processes. Each run leases its uid
-from `UID_RANGE` under a lock (`lease_uid`), so two evaluator processes never share one. The kernel kills a pid
-namespace when its first process dies; without one, the run's cgroup is emptied afterwards (see below), or else the
-uid's processes are killed (kill(-1) as it); with none of these (not root, no namespaces, no cgroup) only the
-process group is killed, and a process that calls setsid() can outlive the run.
+from `UID_RANGE` under a lock (`lease_uid`), so two evaluator processes never share one.
+
+The sandbox reaps every process it starts, so that a container whose PID 1 is the evaluation itself, or an init
+that does not reap, collects no zombies: bwrap exits before its pid namespace's first process, which left one on
+PID 1 per program (thousands per HumanEval protocol, against pid limits of a few thousand). The evaluator starts a
+reaper (`REAPER`), a child subreaper, so that every orphan below it becomes its child rather than PID 1's; the
+evaluator cannot be that itself, as its wait(-1) would steal the exit statuses run_many's other threads wait for.
+When the sandbox's command exits, when the wall clock runs out (the evaluator's SIGTERM) or when the evaluator dies
+(the reaper's parent-death signal), the reaper kills the command's process group and then every process still below
+it, one that left its session too, and exits, with the command's status, only once it has reaped them all. It runs
+as the evaluator's user, so a program run as a throwaway uid cannot signal it; without root the program can kill
+it first, and then, with no namespaces and no cgroup either, a process that leaves its session can outlive the run.
+Besides, the kernel kills a pid namespace when its first process dies, and the run's cgroup is emptied afterwards
+(see below); without one, as root, the uid's processes are killed (kill(-1) as it).
 
 Limits: where the machine lets this process nest cgroups with the memory and pids controllers (`cgroup_mode`: a
 delegated cgroup v2 subtree, or v1's memory and pids hierarchies writable, as by root), each run gets its own cgroup,
@@ -65,6 +75,118 @@ UID_LEASES = Path("/run/im-repro-sandbox-uids")  # root's: one lock file per uid
 CGROUP_MODES = ("cgroup2", "cgroup1", "none")  # best first; none: per-process limits only
 UNISOLATED = ("no network namespace can be made here, and the Python-level socket guard of the fallback does not "
               "stop a subprocess: model-written code runs only if you opt in with eval.humaneval.allow_unisolated=true")
+
+# The process the evaluator starts (python -I -S -c REAPER evaluator_pid error_fd uid command...), in the run's cgroup;
+# see the module docstring. uid is the one the command runs as, -1 for the evaluator's. Only the C modules behind
+# ctypes and signal: their Python layers would add half its start-up. A failure to start the command is written to
+# error_fd, which the command's exec closes, so the program never has it.
+REAPER = r"""
+import os, sys, time, _ctypes, _signal
+
+class Function(_ctypes.CFuncPtr):
+    _flags_ = _ctypes.FUNCFLAG_CDECL
+
+class libc:
+    _handle = _ctypes.dlopen(None)
+
+prctl = Function(("prctl", libc))
+KILL, TERM = 9, 15
+
+def children(me):
+    try:
+        with open(f"/proc/{me}/task/{me}/children", "rb") as f:
+            return [int(pid) for pid in f.read().split()]
+    except OSError:  # a kernel without CONFIG_PROC_CHILDREN: every process's parent
+        found = []
+        for name in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    if int(f.read().rpartition(b")")[2].split()[1]) == me:
+                        found.append(int(name))
+            except (OSError, ValueError, IndexError):  # gone since
+                pass
+        return found
+
+def sigkill(kill, pid):
+    try:
+        kill(pid, KILL)
+    except OSError:  # gone since, or a group with nobody left in it
+        pass
+
+def main(evaluator, error_fd, uid, *command):
+    me, error_fd, uid, child = os.getpid(), int(error_fd), int(uid), None
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, [TERM])  # until the command's pid is known
+
+    def expire(signum, frame):  # the wall clock ran out, or the evaluator died: the rest goes once it has
+        sigkill(os.killpg, child)
+        sigkill(os.kill, child)  # should it have left its group
+
+    _signal.signal(TERM, expire)
+    os.set_inheritable(error_fd, False)
+    # PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG; the evaluator may have died before the latter.
+    if prctl(36, 1, 0, 0, 0) or prctl(1, TERM, 0, 0, 0) or os.getppid() != int(evaluator):
+        os.write(error_fd, b"the reaper cannot be a child subreaper here, or the evaluator is gone")
+        os._exit(1)
+    child = os.fork()
+    if child == 0:
+        try:
+            _signal.signal(TERM, _signal.SIG_DFL)
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, [])
+            os.setpgid(0, 0)  # so that killing its group spares the reaper
+            if uid >= 0:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            # Dies with the reaper; set after the uid change, which clears it.
+            if prctl(1, KILL, 0, 0, 0) or os.getppid() != me:
+                raise OSError("the reaper is gone")
+            os.execvp(command[0], command)
+        except BaseException as e:
+            os.write(error_fd, f"{command[0]}: {e}".encode(errors="replace"))
+        finally:
+            os._exit(127)
+    for fd in [int(fd) for fd in os.listdir("/proc/self/fd")]:  # the pipes are the command's now
+        if fd > 2:
+            try:
+                os.close(fd)
+            except OSError:  # listdir's own
+                pass
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [TERM])
+    os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)  # unreaped: its group id cannot be reused yet
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, [TERM])  # everything below dies now anyway
+    sigkill(os.killpg, child)
+    status = os.waitpid(child, 0)[1]
+    while True:  # whatever is left was orphaned to the reaper: kill it, reap it, until nothing is
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0]:
+                continue
+        except ChildProcessError:
+            break
+        left = children(me)
+        for pid in left:  # an unreaped child: its pid cannot be anybody else's
+            sigkill(os.kill, pid)
+        if not left:  # one just reparented, not listed yet
+            time.sleep(0.001)
+            continue
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+    if os.WIFSIGNALED(status):  # die of the same signal, without a core dump of the reaper
+        import resource
+        sig = os.WTERMSIG(status)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        try:
+            _signal.signal(sig, _signal.SIG_DFL)
+        except (OSError, ValueError):  # SIGKILL's cannot be set, nor needs to be
+            pass
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [sig])
+        os.kill(me, sig)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
+
+main(*sys.argv[1:])
+"""
+REAPER_PATIENCE_S = 10.0  # for the reaper to kill and reap everything after the wall clock; then it is killed
 
 # The child's entry point (python -I -B -u -c RUNNER token_fd program limits... network): limits, then the program.
 RUNNER = r"""
@@ -425,31 +547,44 @@ def _run(source: str, limits: Limits, iso: Isolation, uid: int | None, start: fl
         mb = 1024 * 1024
         rlimits = [limits.memory_mb * mb, math.ceil(limits.timeout_s), limits.file_mb * mb, limits.processes, 0]
         read_end, write_end = os.pipe()
-        cmd = [*prefix, iso.python, "-I", "-B", "-u", "-c", RUNNER, str(read_end), program, *map(str, rlimits),
+        error_read, error_write = os.pipe()
+        drop = uid if uid is not None and iso.tool != "unshare" else -1  # unshare changes uid itself, inside
+        cmd = [iso.python, "-I", "-S", "-c", REAPER, str(os.getpid()), str(error_write), str(drop),
+               *prefix, iso.python, "-I", "-B", "-u", "-c", RUNNER, str(read_end), program, *map(str, rlimits),
                "netns" if iso.network_namespace else "guard"]
-        ids = {"user": uid, "group": uid, "extra_groups": []} if uid is not None and iso.tool != "unshare" else {}
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": cwd, "TMPDIR": cwd, "LANG": "C.UTF-8",
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        with _cgroup(iso.cgroup, limits) as procs:
-            try:  # the child joins the cgroup before it execs the sandbox, so all it starts is in there
+        failure = ""
+        with _cgroup(iso.cgroup, limits) as procs, open(error_read, "rb", buffering=0) as errors:
+            try:  # the reaper joins the cgroup before it execs, so all it starts is in there
                 proc = subprocess.Popen(cmd, cwd=os.path.join(folder, "work"), env=env, stdin=subprocess.DEVNULL,
                                         stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-                                        pass_fds=(read_end,), preexec_fn=_joiner(procs), **ids)
+                                        pass_fds=(read_end, error_write), preexec_fn=_joiner(procs))
             except (OSError, subprocess.SubprocessError) as e:
                 os.close(write_end)
                 return Result("error", None, f"could not start the sandbox: {e}", time.monotonic() - start,
                               iso.summary())
             finally:
                 os.close(read_end)
+                os.close(error_write)
             with suppress(BrokenPipeError):  # the sandbox died before reading it
                 os.write(write_end, token.encode())
             os.close(write_end)
             finished = _wait_unreaped(proc.pid, limits.timeout_s)
-            with suppress(ProcessLookupError):  # all of it on a timeout; in a pid namespace, the namespace with it
+            if not finished:  # the reaper kills the sandbox and all below it (a pid namespace with it), reaps them
+                os.kill(proc.pid, signal.SIGTERM)
+                _wait_unreaped(proc.pid, REAPER_PATIENCE_S)
+            with suppress(ProcessLookupError):  # the reaper's group: the reaper itself, should it still be there
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        # Leaving the cgroup killed whatever was in it; without one, children that left the session: kill(-1) as
-        # their uid.
+            os.set_blocking(errors.fileno(), False)  # its writers are gone by now; should one not be, no wait
+            with suppress(BlockingIOError):
+                failure = os.read(errors.fileno(), 4096).decode(errors="replace")
+        if failure:
+            return Result("error", None, f"could not start the sandbox: {failure}", time.monotonic() - start,
+                          iso.summary())
+        # Leaving the cgroup killed whatever was in it; without one, whatever the reaper left (it is killed should it
+        # take longer than REAPER_PATIENCE_S): kill(-1) as the uid.
         if uid is not None and not iso.pid_namespace and iso.cgroup == "none":
             subprocess.run([iso.python, "-I", "-c", "import os; os.kill(-1, 9)"], user=uid, group=uid,
                            extra_groups=[], stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
