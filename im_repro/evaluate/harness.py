@@ -173,7 +173,7 @@ def run(cfg, lm, names: list[str], out_dir: Path, done=None) -> dict[str, float]
         results = simple_evaluate(
             model=lm, tasks=[lm_eval_name(name, spec)], num_fewshot=spec.num_fewshot, limit=limit,
             task_manager=manager, log_samples=h.log_samples, apply_chat_template=h.apply_chat_template,
-            **seeds(cfg),
+            gen_kwargs=spec.gen_kwargs, **seeds(cfg),
         )
         if results is None:  # a non-zero rank under data parallelism: rank 0 writes
             continue
