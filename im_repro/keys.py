@@ -34,7 +34,8 @@ EXCLUDED: dict[str, tuple[str, ...]] = {
               "dataloader_num_workers", "gradient_checkpointing"),
     "prepare": ("num_proc", "batch_size", "cache_dir"),
     "analysis": ("batch_size",),
-}  # each benchmark lists its own (Benchmark.excluded); eval.generation_batch_size and eval.only are in no key
+}  # each benchmark lists its own (Benchmark.excluded); eval.only and eval.generation are in no key, but the engine it
+# chooses is in every generating unit's (evaluate.generate.engine: backend, version, vLLM's own arguments)
 
 
 def digest(settings: Any) -> str:

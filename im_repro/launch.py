@@ -2,8 +2,10 @@
 
 `dry_run=true` turns every job of a sweep into a plan entry instead of work: its stages with the resources each asks
 for (launch.resources), what it waits for, whether the run store already holds it under the same key ("reused"),
-holds it under another ("stale": the job would refuse) or not ("to run"), and an estimate of train GPU-hours from
-tokens x parameters at an assumed utilisation. `SweepReport`, a Hydra callback, prints the sweep's plan as one table
+holds it under another ("stale": the job would refuse) or not ("to run"), and an estimate of GPU-hours: train from
+tokens x parameters at an assumed utilisation, eval and memorization from the tokens each benchmark scores and
+generates (its suite's settings and `launch.eval_sizes`) at each engine's throughput (`launch.eval_throughput`,
+assumed until the GPU check measures it), per benchmark and per engine (HF, vLLM). `SweepReport`, a Hydra callback, prints the sweep's plan as one table
 with the experiment's report job, which waits for every eval, and the GPU-hours that reuse saves; after a real sweep,
 its account: every job done, reused or failed (with its run folder, stage and last error line).
 
@@ -28,6 +30,7 @@ from hydra.experimental.callback import Callback
 
 from im_repro import stages
 from im_repro.common import UserError, read_json, write_json
+from im_repro.evaluate import generate, suite
 from im_repro.config import validate
 from im_repro.runs import Unit
 
@@ -52,6 +55,72 @@ def gpu_hours(cfg, run_dir: Path) -> tuple[float, str]:
     flops = flops_per_token * cfg.model.params_b * 1e9 * tokens * cfg.train.epochs
     hours = flops / (cfg.launch.gpu_peak_tflops * 1e12 * cfg.launch.utilisation) / 3600
     return hours, basis
+
+
+def workload(size, documents: int, fewshot: int | None, requests: float, generated: int) -> dict:
+    """Tokens one benchmark scores (prompts through a forward pass) and generates: a generating task prefills each
+    document's prompt once for all its samples; a multiple-choice one scores every choice with its prompt."""
+    prompt = size.example_tokens * ((size.fewshot if fewshot is None else fewshot) + 1)
+    if generated:
+        return {"documents": documents, "scored": documents * prompt, "generated": documents * requests * generated}
+    return {"documents": documents, "scored": documents * requests * prompt, "generated": 0}
+
+
+def eval_work(cfg, stage: str) -> dict[str, dict]:
+    """What each benchmark of the eval stage (or the memorization stage) computes, from the suite's settings and
+    `launch.eval_sizes`: {name: {documents, scored, generated tokens, engine: harness | generation}}, or
+    {name: {unknown: why}} for a benchmark with no size."""
+    sizes, out = cfg.launch.eval_sizes, {}
+    if stage == "memorization":
+        size, a = sizes["memorization"], cfg.analysis
+        documents = min(n for n in (a.memorization_limit, cfg.data.limit or cfg.data.paper_size, size.documents) if n)
+        return {"memorization": {**workload(size, documents, 0, 1, min(size.generated_tokens, a.max_new_tokens)),
+                                 "engine": "generation"}}
+    for name, entry in suite.select(suite.suite(cfg), cfg.eval.only).items():
+        kind = entry["kind"]
+        if kind == "harness":
+            spec = cfg.eval.harness.tasks[name]
+            task, limit, fewshot, factor, cap = spec.task, spec.limit or cfg.eval.harness.limit, spec.num_fewshot, 1, None
+        else:
+            settings = cfg.eval[kind]
+            task, limit, fewshot, cap = kind, settings.limit, None, settings.max_new_tokens
+            factor = settings.n * len(settings.temperatures) if kind == "humaneval" else 1
+        size = sizes.get(task)
+        if size is None:
+            out[name] = {"unknown": f"no launch.eval_sizes.{task}"}
+            continue
+        documents = min(size.documents, limit) if limit else size.documents
+        generated = min(size.generated_tokens, cap) if cap else size.generated_tokens
+        out[name] = {**workload(size, documents, fewshot, size.requests * factor, generated),
+                     "engine": "harness" if kind == "harness" else "generation"}
+    return out
+
+
+def planned_backend(cfg, engine: str) -> str:
+    """The engine a benchmark would run on: eval.harness.backend for lm-eval's tasks; eval.generation.backend for
+    the rest, auto counted as vllm where vLLM is installed for eval.generation.vllm_python (as on a GPU node with
+    this environment), else hf."""
+    if engine == "harness":
+        return cfg.eval.harness.backend
+    g = cfg.eval.generation
+    if g.backend != "auto":
+        return g.backend
+    return "vllm" if generate.vllm_version(g.vllm_python or sys.executable) else "hf"
+
+
+def eval_hours(cfg, stage: str) -> tuple[float, dict[str, dict]]:
+    """(GPU-hours on the engines the config chooses, per benchmark its tokens and GPU-hours on each engine):
+    tokens / (throughput x 7B / params_b), at launch.eval_throughput's assumed rates."""
+    scale = 7.0 / cfg.model.params_b if cfg.model.params_b else 0.0
+    found, total = eval_work(cfg, stage), 0.0
+    for work in found.values():
+        if "unknown" in work:
+            continue
+        for backend, rate in cfg.launch.eval_throughput.items():
+            seconds = work["scored"] / rate.scored_tokens_per_s + work["generated"] / rate.generated_tokens_per_s
+            work[backend] = seconds / scale / 3600 if scale else 0.0
+        total += work[planned_backend(cfg, work["engine"])]
+    return total, found
 
 
 STATES = {"done": "reused", "partial": "to run (resumes)", "new": "to run", "stale": "stale: refused (force=true)"}
@@ -82,6 +151,9 @@ def plan(cfg, run_dir: Path, overrides: list[str] = ()) -> dict:
                  "resources": {k: res[k] for k in ("nodes", "gpus", "cpus", "mem_gb", "hours")}}
         if stage == "train":
             entry["gpu_hours"], entry["basis"] = gpu_hours(cfg, run_dir)
+        elif stage in ("eval", "memorization"):
+            entry["gpu_hours"], entry["benchmarks"] = eval_hours(cfg, stage)
+            entry["basis"] = "tokens x assumed throughput"
         elif res.gpus:
             entry["gpu_hours"], entry["basis"] = res.nodes * res.gpus * res.hours, "time limit x GPUs (upper bound)"
         entries.append(entry)
@@ -110,11 +182,47 @@ def format_plan(plans: list[dict]) -> str:
         count = sum(p["experiment"] == e for p in plans)
         lines.append(f"{'report ' + e:74} {'report':12} {'all eval':8} {'CPU':>12} {'':>6} {0:>8.1f}  "
                      f"after the {count} runs' last stages")
+    lines += format_eval(plans)
     jobs = sum(len(p["stages"]) for p in plans) + len(experiments)
     lines.append(f"{len(plans)} runs, {jobs} jobs; about {total:,.0f} GPU-hours still to spend, "
                  f"{saved:,.0f} saved by reusing finished stages (train: 6 x params x tokens x epochs at the assumed "
-                 f"utilisation; other GPU stages: their time limit)")
+                 f"utilisation; eval and memorization: their tokens at launch.eval_throughput's assumed rates; other "
+                 f"GPU stages: their time limit)")
     return "\n".join(lines)
+
+
+def format_eval(plans: list[dict]) -> list[str]:
+    """Eval and memorization GPU-hours per benchmark and per engine, over the stages still to run."""
+    rows: dict[str, dict] = {}
+    unknown = set()
+    for p in plans:
+        for s in p["stages"]:
+            if s["state"] == STATES["done"]:
+                continue
+            for name, work in s.get("benchmarks", {}).items():
+                if "unknown" in work:
+                    unknown.add(f"{name} ({work['unknown']})")
+                    continue
+                row = rows.setdefault(name, {"runs": 0})
+                row["runs"] += 1
+                for field in ("documents", "scored", "generated", "hf", "vllm"):
+                    row[field] = row.get(field, 0) + work.get(field, 0)
+    if not rows:
+        return []
+    lines = ["", f"eval GPU-hours still to spend, per benchmark (launch.eval_sizes' tokens at launch.eval_throughput's "
+                 f"rates: assumptions until scripts/gpu_check.py measures them)",
+             f"  {'benchmark':26} {'runs':>5} {'documents':>11} {'tokens scored':>14} {'generated':>13} "
+             f"{'GPU-h hf':>9} {'GPU-h vllm':>10}"]
+    for name, r in rows.items():
+        lines.append(f"  {name:26} {r['runs']:>5} {r['documents']:>11,.0f} {r['scored']:>14,.0f} "
+                     f"{r['generated']:>13,.0f} {r['hf']:>9.1f} {r['vllm']:>10.1f}")
+    hf, vllm = sum(r["hf"] for r in rows.values()), sum(r["vllm"] for r in rows.values())
+    lines.append(f"  {'all on hf / all on vllm':26} {'':>5} {'':>11} {'':>14} {'':>13} {hf:>9.1f} {vllm:>10.1f}"
+                 f"  (vLLM saves {hf - vllm:,.0f} GPU-hours)")
+    if unknown:
+        lines.append(f"  not estimated (add their sizes): {', '.join(sorted(unknown))}")
+    lines.append("")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------ accounts -----------

@@ -58,17 +58,21 @@ def bleu_scores(hypotheses: list[str], references: list[str]) -> dict:
 
 
 def settings(cfg, model) -> dict:
-    """What the scores depend on (its key): the model answering, the training examples, how they are asked."""
+    """What the scores depend on (its key): the model answering, the training examples, how they are asked, and the
+    engine that answers (eval.generation)."""
+    from im_repro.evaluate.generate import engine
+
     a = cfg.analysis
     return {"format": keys.FORMAT, "model": model.identity, "data": keys.data_settings(cfg),
-            **keys.template_settings(cfg), "limit": a.memorization_limit, "max_new_tokens": a.max_new_tokens}
+            **keys.template_settings(cfg), "limit": a.memorization_limit, "max_new_tokens": a.max_new_tokens,
+            "generation": engine(cfg.eval.generation)}
 
 
 def run(job: Job, generator=None) -> None:
     """Writes `<run>/memorization/` (one process), resuming its generations; returns the summary its completion
     marker records. `generator`: anything with `generate(prompts, **kwargs)` and `tokenizer` (tests); default: the
     model the run scores."""
-    from im_repro.evaluate.generate import Generator, LazyGenerator, chat_prompt, generate_resumable
+    from im_repro.evaluate.generate import LazyGenerator, chat_prompt, engine, generate_resumable, make_generator
 
     cfg, run_dir = job.cfg, job.run_dir
     out = run_dir / "memorization"
@@ -77,9 +81,11 @@ def run(job: Job, generator=None) -> None:
     generations = out / "generations.jsonl"
     examples, _ = data.load_examples(cfg.data, cfg.prepare.cache_dir)
     items, skipped = memorization_items(examples, a.memorization_limit)
-    model_path, _ = job.model.paths(cfg, run_dir)
+    model_path, tokenizer_path = job.model.paths(cfg, run_dir)
     if generator is None:
-        generator = LazyGenerator(lambda: Generator(*job.model.load(cfg, run_dir), a.batch_size))
+        generator = LazyGenerator(lambda: make_generator(cfg.eval.generation, model_path, tokenizer_path,
+                                                         dtype=cfg.eval.dtype, seed=cfg.seed,
+                                                         load_hf=lambda: job.model.load(cfg, run_dir)))
     records = generate_resumable(
         generator, items, generations, key="index",
         prompt=lambda item: chat_prompt([{"role": "user", "content": item["instruction"]}], generator.tokenizer,
@@ -96,6 +102,7 @@ def run(job: Job, generator=None) -> None:
         "template": template,
         "max_new_tokens": a.max_new_tokens,
         "decoding": "greedy",
+        "generation": engine(cfg.eval.generation),
         "n": len(records),
         "skipped_no_user_assistant_pair": skipped,
         "limit": a.memorization_limit,

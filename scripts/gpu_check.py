@@ -22,8 +22,10 @@ Sections (--sections picks some); a failing one is recorded in the JSON and the 
   deepspeed  the real train stage (python -m im_repro) on model=tiny with conf/deepspeed/zero2.json and zero3.json:
              three steps with a checkpoint at 2, then the same command after a simulated kill in step 3 (it resumes)
   eval       lm-eval's HF backend through im_repro.evaluate.harness: log-likelihood requests/s on the official ARC-Easy
-             task over a local file of synthetic questions; greedy generation tokens/s, batch 1 against batched, through
-             the AlpacaEval path's Generator (prompts in the Tulu format)
+             task over a local file of synthetic questions; greedy generation tokens/s of the eval stage's HF engine,
+             batch 1, static batches and continuous batching (prompts in the Tulu format, as token ids), and of
+             its vLLM engine on the same prompts where vLLM is installed for this python (else the JSON says why
+             not): the numbers launch.eval_throughput assumes
 The examples are LIMA's shapes without its texts: scripts/data/lima_lengths.json holds each example's token classes
 (template / instruction / output) as run lengths, from the Llama-2 tokenizer in the Tulu format at most 2048 tokens
 (`--write-lengths lima_data.jsonl` rebuilds it); token ids are random, labels follow masking's class weights.
@@ -59,7 +61,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_eval import time_generation  # noqa: E402
+from bench_eval import hf_engine, timed  # noqa: E402
 from bench_train import CONFIGS, MODES, accumulate, plan, rates, synchronize, time_steps, train_step  # noqa: E402
 from im_repro.common import read_jsonl, write_json  # noqa: E402
 from im_repro.config import HarnessTask  # noqa: E402
@@ -336,7 +338,7 @@ def deepspeed(work: Path, cuda: bool) -> dict:
 def evaluation(bench: Bench | None, size, work: Path, device: torch.device) -> dict:
     """lm-eval log-likelihood and batched generation with the (random) model, saved as a checkpoint first."""
     from im_repro.evaluate import harness
-    from im_repro.evaluate.generate import chat_prompt
+    from im_repro.evaluate.generate import Sampling, chat_prompt, encode_prompt, eos_ids
     from im_repro.model import load_inference, load_model, load_tokenizer
 
     cfg = bench.cfg if bench else compose([f"model={size.model}"])
@@ -376,17 +378,49 @@ def evaluation(bench: Bench | None, size, work: Path, device: torch.device) -> d
     model, tokenizer = load_inference(str(checkpoint), str(checkpoint), getattr(torch, cfg.model.dtype))
     instructions = [{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(10, 80)))}
                     for _ in range(size.prompts)]
-    prompts = [chat_prompt([m], tokenizer, "tulu") for m in instructions]
-    time_generation(model, tokenizer, prompts[:1], 1, 2)  # warm-up: kernels and allocator
+    prompts = [encode_prompt(tokenizer, chat_prompt([m], tokenizer, "tulu")) for m in instructions]
+    s = Sampling(max_new_tokens=size.new_tokens, eos=eos_ids(model.generation_config, tokenizer))
+    hf_engine(model, tokenizer, prompts[:1], Sampling(max_new_tokens=2, eos=s.eos), 1)  # warm-up: kernels, allocator
     generation = {}
     for batch, subset in ((1, prompts[: size.batch1_prompts]), (size.gen_batch, prompts)):
-        seconds, tokens = time_generation(model, tokenizer, subset, batch, size.new_tokens)
-        generation[f"batch_{batch}"] = {"prompts": len(subset), "seconds": seconds, "tokens": tokens,
-                                        "tokens_per_s": tokens / seconds}
+        seconds, tokens = timed(lambda: hf_engine(model, tokenizer, subset, s, batch))
+        generation[f"batch_{batch}"] = {"prompts": len(subset), "seconds": seconds, "tokens": sum(map(len, tokens)),
+                                        "tokens_per_s": sum(map(len, tokens)) / seconds}
     generation["batched_over_batch_1"] = (generation[f"batch_{size.gen_batch}"]["tokens_per_s"]
                                           / generation["batch_1"]["tokens_per_s"])
+    seconds, tokens = timed(lambda: hf_engine(model, tokenizer, prompts, s, size.gen_batch, continuous=True))
+    generation["continuous"] = {"prompts": len(prompts), "seconds": seconds, "tokens": sum(map(len, tokens)),
+                                "tokens_per_s": sum(map(len, tokens)) / seconds}
+    generation["continuous_over_batched"] = (generation["continuous"]["tokens_per_s"]
+                                             / generation[f"batch_{size.gen_batch}"]["tokens_per_s"])
+    del model
+    generation["vllm"] = vllm_generation(checkpoint, cfg.model.dtype, prompts, s, device)
+    if "tokens_per_s" in generation["vllm"]:
+        generation["vllm_over_batched"] = (generation["vllm"]["tokens_per_s"]
+                                           / generation[f"batch_{size.gen_batch}"]["tokens_per_s"])
     out["generation"] = {"max_new_tokens": size.new_tokens, **generation}
     return out
+
+
+def vllm_generation(checkpoint: Path, dtype: str, prompts: list[list[int]], s, device: torch.device) -> dict:
+    """The same prompts through the eval stage's vLLM engine (a worker process of this python), where vLLM is
+    installed; else why not. Its start-up (and compilation) is untimed."""
+    from im_repro.evaluate.generate import VLLMEngine, vllm_version
+
+    version = vllm_version(sys.executable)
+    if version is None:
+        return {"skipped": f"vLLM is not installed for {sys.executable}: pip install vllm there (its CUDA wheels, "
+                           "hundreds of MB, do not travel with the repository as .whl/ does)"}
+    memory = 0.5 if device.type == "cuda" else 0.15  # on vLLM's CPU backend: the share of host memory
+    engine = VLLMEngine(str(checkpoint), str(checkpoint), dtype=dtype, python=sys.executable,
+                        gpu_memory_utilization=memory, args={"enforce_eager": device.type != "cuda"})
+    try:
+        engine.complete(prompts[:1], type(s)(max_new_tokens=2, eos=s.eos))
+        seconds, tokens = timed(lambda: [row[0] for row in engine.complete(prompts, s)])
+    finally:
+        engine.close()
+    return {"version": version, "prompts": len(prompts), "seconds": seconds, "tokens": sum(map(len, tokens)),
+            "tokens_per_s": sum(map(len, tokens)) / seconds}
 
 
 # ----------------------------------------------------------------------------------------------- report ---------
@@ -410,7 +444,9 @@ def summary_rows(result: dict) -> list[tuple[str, float | None]]:
         e = s["eval"]
         rows += [("lm-eval log-likelihood requests/s", e["lm_eval"]["requests_per_s"]),
                  ("generation tokens/s, batch 1", e["generation"]["batch_1"]["tokens_per_s"]),
-                 ("generation batched / batch 1", e["generation"]["batched_over_batch_1"])]
+                 ("generation batched / batch 1", e["generation"]["batched_over_batch_1"]),
+                 ("generation HF continuous / batched", e["generation"]["continuous_over_batched"]),
+                 ("generation vLLM / HF batched", e["generation"].get("vllm_over_batched"))]
     return rows
 
 

@@ -62,6 +62,7 @@ def test_each_benchmark_keeps_the_protocol_on_the_tiny_model(evaluated, kind):
     metrics = read_json(out / "metrics.json")
     units = {u.path.name: u for u in stages.plan(cfg, run, ["eval"]).units["eval"]}
     assert names and metrics["missing"] == {}
+    assert metrics["generation"]["backend"] == "hf"  # the engine the generating benchmarks' keys name
     for name in names:
         entry = benchmark.entry(cfg.eval, name)
         assert recorded[name] == json.loads(json.dumps(entry))  # what the report reads, without the config
@@ -70,6 +71,7 @@ def test_each_benchmark_keeps_the_protocol_on_the_tiny_model(evaluated, kind):
         json.dumps(settings)  # plain data
         assert read_record(out / name / "_COMPLETE")["key"] == units[name].key  # marked under its key
         own = keys.flat(settings[kind])  # its own settings: what cannot change its output is in no key
+        assert ("generation" in settings) == benchmark.generates
         assert own and not [path for path in benchmark.excluded if path in own]
         for key in entry["headlines"] + list(entry["columns"].values()):
             assert benchmark.owns(name, key) and suite.owner(out, key)[0] == name

@@ -27,7 +27,7 @@ NOT_IN_KEYS = {
     "alpaca_eval": ("enabled", "category", "judge.api_key_env", "judge.max_retries"),
     "mt_bench": ("enabled", "category", "judge.api_key_env", "judge.max_retries"),
     "analysis": ("batch_size",),
-}  # and eval.generation_batch_size, eval.only: in no key
+}  # and eval.only, eval.generation: in no key (the engine it chooses is: test_generation_keys)
 
 
 def test_the_settings_left_out_of_the_keys():
@@ -57,7 +57,7 @@ def test_settings_that_change_the_model_change_the_train_key(setting):
 
 
 def test_benchmark_keys():
-    assert arc_key("eval.harness.batch_size=1", "eval.generation_batch_size=2") == arc_key()
+    assert arc_key("eval.harness.batch_size=1", "eval.generation.batch_size=2") == arc_key()
     assert arc_key("eval.harness.limit=3") != arc_key()
     assert arc_key("eval.harness.tasks.arc_easy.num_fewshot=5") != arc_key()
     assert arc_key("eval.harness.tasks.hellaswag.limit=3") == arc_key()  # another benchmark's setting

@@ -38,6 +38,14 @@ def test_table1_dry_run_lists_the_papers_jobs(tmp_path):
     assert any(line.startswith("report table1") and "after the 21 runs" in line for line in lines)
     assert "21 runs, 64 jobs" in lines[-1]
     assert not list(tmp_path.glob("*/manifest.json"))  # nothing ran
+    # eval GPU-hours per benchmark and per engine, from token counts; the eval jobs' hours are their sum on HF
+    table = lines[lines.index(next(line for line in lines if line.startswith("eval GPU-hours"))) + 2:]
+    rows = {r.split()[0]: r.split() for r in table[:table.index("")] if not r.startswith("  all on")}
+    assert set(rows) == {*compose_with("eval=paper").eval.harness.tasks, "humaneval", "alpaca_eval", "mt_bench"}
+    assert all(r[1] == "21" for r in rows.values())
+    eval_jobs = sum(float(j[7]) for j in jobs if j[1] == "eval")
+    assert eval_jobs == pytest.approx(sum(float(r[5]) for r in rows.values()), rel=0.02)  # each printed rounded
+    assert float(rows["humaneval"][6]) < float(rows["humaneval"][5]) and rows["mmlu"][5] == rows["mmlu"][6]
 
 
 def test_plw_dry_run_sweeps_the_prompt_loss_weight(tmp_path):
@@ -158,3 +166,28 @@ def test_one_run_store_table4_and_table3_reuse_table1s_runs(tmp_path):
     assert found[("it", None)] == found[("im", None)] == "done"  # Table 1's runs, trained once
     assert found[("kl", 0.1)] is None  # never trained: its cells say "missing: run ... not found"
     assert "missing: run data__tiny__kl__smoke__seed42__" in report["skipped"]["table3"]  # and no eval ran
+
+
+def test_eval_gpu_hours_come_from_the_suites_token_counts():
+    cfg = compose_with("model=llama2_7b", "method=base", "stages=[eval]", "eval=paper", "eval.generation.backend=hf")
+    total, work = launch.eval_hours(cfg, "eval")
+    size, rate = cfg.launch.eval_sizes, cfg.launch.eval_throughput
+    he = work["humaneval"]  # 164 problems x 20 samples x 2 temperatures, each prompt prefilled once
+    assert he["documents"] == 164 and he["engine"] == "generation"
+    assert he["generated"] == 164 * 20 * 2 * size.humaneval.generated_tokens
+    assert he["scored"] == 164 * size.humaneval.example_tokens
+    for backend in ("hf", "vllm"):
+        seconds = he["scored"] / rate[backend].scored_tokens_per_s + he["generated"] / rate[backend].generated_tokens_per_s
+        assert he[backend] == pytest.approx(seconds * 6.74 / 7 / 3600)
+    arc = work["arc"]  # 25-shot: 26 examples in every prompt, one request per choice
+    assert arc["scored"] == 3548 * 4 * 26 * size.ai2_arc.example_tokens and arc["generated"] == 0
+    assert total == pytest.approx(sum(w["hf"] for w in work.values()))
+    fewer = launch.eval_hours(compose_with("model=llama2_7b", "stages=[eval]", "eval=paper", "eval.humaneval.n=10",
+                                           "eval.humaneval.limit=82", "eval.harness.tasks.arc.num_fewshot=0"), "eval")[1]
+    assert fewer["humaneval"]["generated"] == he["generated"] / 4 and fewer["arc"]["scored"] == arc["scored"] / 26
+    vllm = launch.eval_hours(compose_with("model=llama2_7b", "stages=[eval]", "eval=paper",
+                                          "eval.generation.backend=vllm"), "eval")[0]
+    assert vllm == pytest.approx(total - sum(w["hf"] - w["vllm"] for w in work.values() if w["engine"] == "generation"))
+    unknown = launch.eval_hours(compose_with("model=llama2_7b", "stages=[eval]", "eval=smoke",
+                                             "eval.harness.tasks.piqa.task=some_new_task"), "eval")[1]
+    assert unknown["piqa"] == {"unknown": "no launch.eval_sizes.some_new_task"}

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from im_repro.config import AlpacaEvalConfig, JudgeConfig, MTBenchConfig
 from im_repro.evaluate import alpaca, mtbench
-from im_repro.evaluate.generate import Generator
+from im_repro.evaluate.generate import Generator, HFEngine
 from im_repro.evaluate.judges import ApiJudge, Judge, JudgeError, JudgeUnavailable, make_judge
 from tests.conftest import ARTIFACTS
 
@@ -50,7 +50,8 @@ def tiny(llama2):
 
 
 def generator(tiny) -> CountingGenerator:
-    return CountingGenerator(*tiny, batch_size=4)
+    model, tokenizer = tiny
+    return CountingGenerator(HFEngine(model, tokenizer, batch_size=4), tokenizer)
 
 
 def write_alpaca_files(tmp_path: Path) -> AlpacaEvalConfig:

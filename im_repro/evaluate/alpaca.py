@@ -309,6 +309,7 @@ class AlpacaEval(Benchmark):
     """AlpacaEval 1.0 and 2.0 as one benchmark (one set of generations), a Table 1 column per version."""
 
     kind = "alpaca_eval"
+    generates = True
     excluded = ("enabled", "category", "judge.api_key_env", "judge.max_retries")
 
     def entry(self, eval_cfg, name: str) -> dict:

@@ -18,13 +18,14 @@ from typing import Any, Callable
 
 from im_repro import keys, stats
 from im_repro.config import StatsConfig, plain
+from im_repro.evaluate.generate import engine
 
 
 @dataclass
 class Context:
     """What a benchmark gets to run: the config, the suite's folder (a benchmark writes under `out/<name>/`), the
-    model to score, lm-eval's model (`lm()`) and a generator, each loaded on first use and once (the generator
-    reuses lm-eval's model when it is loaded), and `done(name, metrics)`, which marks a benchmark complete the moment
+    model to score, lm-eval's model (`lm()`) and a generator (`eval.generation`'s engine), each loaded on first use
+    and once (an HF generator reuses lm-eval's HF model when it is loaded), and `done(name, metrics)`, which marks a benchmark complete the moment
     its numbers are in."""
 
     cfg: Any
@@ -52,6 +53,7 @@ class Benchmark:
     kind: str = ""
     excluded: tuple[str, ...] = ()  # its own settings that cannot change its output: left out of its key
     all_ranks: bool = False  # runs in every process of a launch (lm-eval is data parallel); else in rank 0 alone
+    generates: bool = False  # generates through `context.generator`: the engine (eval.generation) is in its key
 
     def names(self, eval_cfg) -> list[str]:
         """The benchmarks of this kind the suite holds: itself when `eval.<kind>.enabled`."""
@@ -63,9 +65,11 @@ class Benchmark:
                 "headlines": [], "score": None, "columns": {}}
 
     def settings(self, cfg, name: str) -> dict:
-        """Its own resolved settings less `excluded`, and how prompts are rendered: part of its key."""
-        return {self.kind: keys.without(keys.plain_dict(cfg.eval[self.kind]), self.excluded),
-                **keys.template_settings(cfg)}
+        """Its own resolved settings less `excluded`, how prompts are rendered and, for a benchmark that generates,
+        the engine that generates (greedy outputs of two engines may differ in the last bits): part of its key."""
+        found = {self.kind: keys.without(keys.plain_dict(cfg.eval[self.kind]), self.excluded),
+                 **keys.template_settings(cfg)}
+        return {**found, "generation": engine(cfg.eval.generation)} if self.generates else found
 
     def owns(self, name: str, key: str) -> bool:
         """Whether `key` of the suite's metrics.json is one of this benchmark's numbers."""

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from im_repro import keys
 from im_repro.common import read_json, write_json
 from im_repro.evaluate.benchmark import Benchmark, Context
+from im_repro.evaluate.generate import checkpoint_dtype
 
 log = logging.getLogger("im_repro")
 SPLITS = {"train": "training_split", "validation": "validation_split", "test": "test_split"}
@@ -95,7 +96,8 @@ def official_tasks() -> dict:
 
 
 def load_lm(cfg, checkpoint: str, tokenizer_path: str):
-    """The model once for every benchmark: lm-eval's HF backend (data-parallel under accelerate) or vLLM."""
+    """The model once for every benchmark: lm-eval's HF backend (data-parallel under accelerate) or its vLLM model,
+    in this process (so vLLM must be installed here), with eval.generation's vLLM settings."""
     from lm_eval.api.registry import get_model
 
     import torch
@@ -107,8 +109,11 @@ def load_lm(cfg, checkpoint: str, tokenizer_path: str):
     if h.backend == "hf":
         args |= {"batch_size": h.batch_size, "max_batch_size": h.max_batch_size,
                  "device": "cuda" if torch.cuda.is_available() else "cpu"}
-    elif h.backend == "vllm":
-        args |= {"batch_size": h.batch_size, "data_parallel_size": max(1, torch.cuda.device_count())}
+    elif h.backend == "vllm":  # vLLM's auto would run a float32 checkpoint in half; the engine's own settings
+        g = cfg.eval.generation
+        args |= {"batch_size": h.batch_size, "data_parallel_size": max(1, torch.cuda.device_count()),
+                 "dtype": checkpoint_dtype(checkpoint, cfg.eval.dtype),
+                 "gpu_memory_utilization": g.gpu_memory_utilization, **dict(g.vllm_args)}
     else:
         raise ValueError(f"eval.harness.backend must be hf or vllm, got {h.backend!r}")
     return get_model(h.backend).create_from_arg_obj(args)

@@ -161,6 +161,7 @@ def items(folder: Path, temperature: float, k: int = 1) -> dict[str, float]:
 
 class HumanEval(Benchmark):
     kind = "humaneval"
+    generates = True
     excluded = ("enabled", "workers", "category")
 
     def entry(self, eval_cfg, name: str) -> dict:

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from im_repro.config import JudgeConfig
-from im_repro.evaluate.generate import Generator
+from im_repro.evaluate.generate import hf_generator
 from im_repro.model import load_inference
 
 log = logging.getLogger("im_repro")
@@ -130,7 +130,7 @@ class LocalJudge(Judge):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.generator = Generator(model, tokenizer, batch_size=batch_size)
+        self.generator = hf_generator(model, tokenizer, batch_size)
 
     def _text(self, messages: Messages) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -207,6 +207,7 @@ def items(judgment_file: Path, turn: int | None = None) -> dict[str, float]:
 
 class MTBench(Benchmark):
     kind = "mt_bench"
+    generates = True
     excluded = ("enabled", "category", "judge.api_key_env", "judge.max_retries")
 
     def entry(self, eval_cfg, name: str) -> dict:

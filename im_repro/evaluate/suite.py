@@ -16,18 +16,20 @@ under `missing`, never given a number.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from im_repro import keys
 from im_repro.common import UserError, is_main, read_json, write_json
 from im_repro.config import StatsConfig
 from im_repro.evaluate import alpaca, harness, humaneval, mtbench
 from im_repro.evaluate.benchmark import Benchmark, Context
-from im_repro.evaluate.generate import Generator, LazyGenerator
+from im_repro.evaluate.generate import Generator, LazyGenerator, engine, hf_generator, make_generator
 from im_repro.model import load_inference
 from im_repro.runs import MARKER, Job, Unit, read_record
 
@@ -99,17 +101,28 @@ def run(job: Job) -> None:
     protocols = {}
     for kind, benchmark in BENCHMARKS.items():
         protocols |= benchmark.protocol(out, [n for n, e in chosen.items() if e["kind"] == kind])
+    if any(BENCHMARKS[entry["kind"]].generates for entry in chosen.values()):
+        protocols["generation"] = engine(cfg.eval.generation)  # the engine every generating benchmark's key names
     write_json(out / "metrics.json", {**metrics, "missing": missing, **protocols})
     summary(chosen, metrics, missing, out)
 
 
 def generator(context: Context) -> Generator:
-    """The generating benchmarks' model: the one lm-eval already holds (its HF backend), else the model scored, in
-    eval.dtype."""
-    batch = context.cfg.eval.generation_batch_size
-    if context.lm.cache_info().currsize and hasattr(lm := context.lm(), "model"):
-        return Generator(lm.model, lm.tokenizer, batch)
-    return Generator(*load_inference(context.model_path, context.tokenizer_path, context.cfg.eval.dtype), batch)
+    """The generating benchmarks' engine (eval.generation): HF on the model lm-eval already holds (its HF backend),
+    else on the model scored in eval.dtype; or vLLM in its worker, after lm-eval's model has left the GPU."""
+    cfg = context.cfg
+    held = context.lm.cache_info().currsize and hasattr(context.lm(), "model")
+    if engine(cfg.eval.generation)["backend"] == "vllm":
+        context.lm.cache_clear()
+        gc.collect()
+        torch.cuda.empty_cache()
+    elif held:
+        lm = context.lm()
+        g = cfg.eval.generation
+        return hf_generator(lm.model, lm.tokenizer, g.batch_size, g.hf_batching == "continuous")
+    return make_generator(cfg.eval.generation, context.model_path, context.tokenizer_path, dtype=cfg.eval.dtype,
+                          seed=cfg.seed,
+                          load_hf=lambda: load_inference(context.model_path, context.tokenizer_path, cfg.eval.dtype))
 
 
 def missing_reasons(chosen: dict, metrics: dict, out: Path) -> dict[str, str]:
