@@ -14,6 +14,12 @@ from typing import Any, Iterable
 
 # --- files ----------------------------------------------------------------------------------------------------------
 
+def artifacts() -> Path:
+    """The offline artifacts folder (scripts/fetch_artifacts.py): IM_REPRO_ARTIFACTS, else artifacts/ beside the
+    package."""
+    return Path(os.environ.get("IM_REPRO_ARTIFACTS", Path(__file__).resolve().parents[1] / "artifacts"))
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Atomic: a reader never sees half a file, and two writers never share a temporary file."""
     path = Path(path)

@@ -189,13 +189,17 @@ class HarnessTask:
 
     task: str = MISSING  # lm-eval task or group name
     metric: str = MISSING  # key in lm-eval's results, "metric,filter" (e.g. "acc_norm,none")
+    # More metrics of the same lm-eval run ("metric,filter"), each reported as "<benchmark>/<metric>" (IFEval's
+    # instruction-level and loose accuracies beside its prompt-level strict one)
+    extra_metrics: list[str] = field(default_factory=list)
     category: str = MISSING  # knowledge | multilinguality | commonsense | math_coding | bbh | safety
     num_fewshot: Optional[int] = None  # None: the task's own default
     higher_is_better: bool = True
     scale: float = 1.0  # the released code divides TER by 100
     limit: Optional[int] = None  # the first N examples of each task; overrides harness.limit
-    # Run the official task on local files of the same schema: {split: path}; `dataset_path` is arrow or json.
-    data_files: Optional[dict[str, str]] = None
+    # Run the official task on local files of the same schema: {split: path}; `dataset_path` is arrow or json. Paths
+    # that are all null (`${offline:...}` where there is no offline copy) mean the official dataset.
+    data_files: Optional[dict[str, Optional[str]]] = None
     dataset_path: str = "arrow"
     # lm-eval's generation arguments over the task's own, e.g. "max_gen_toks=96" (a generate_until task only)
     gen_kwargs: Optional[str] = None
