@@ -1,8 +1,8 @@
 """The modern suite's numbers equal their reference tools' on the same inputs (conf/eval/modern.yaml).
 
-IFEval: the eval stage's per-prompt verdicts and its four accuracies against lm-eval's own `ifeval` task run by
-`simple_evaluate` on the same generations. The generations are fixed answers (`Replay`, an lm-eval model that answers
-each prompt with a written text), some following their instructions and some not, so a verdict can go either way.
+IFEval and GSM8K: the eval stage's per-item verdicts and its numbers against lm-eval's own `ifeval` and `gsm8k_cot`
+tasks run by `simple_evaluate` on the same generations. The generations are fixed answers (`Replay`, an lm-eval model
+that answers each prompt with a written text), some right and some wrong, so a verdict can go either way.
 """
 
 from __future__ import annotations
@@ -29,15 +29,21 @@ IFEVAL_ANSWERS = {
 }
 
 
-class Replay:
-    """An lm-eval model answering each IFEval prompt with IFEVAL_ANSWERS' text (lm-eval's LM interface)."""
+# GSM8K's first test problems (answers 18, 3, 70000): right; wrong; right only to the flexible extraction
+GSM8K_ANSWERS = {"Janet’s ducks": "16 - 3 - 4 = 9 eggs, sold at $2: 9 * 2 = 18. The answer is 18.",
+                 "A robe takes": "2 + 1 = 4. The answer is 4.", "Josh decides": "So the profit is $70,000 in all."}
 
-    def __new__(cls, prompts: dict[str, str]):
+
+class Replay:
+    """An lm-eval model answering each request whose prompt contains a key of `answers` with its text (lm-eval's LM
+    interface)."""
+
+    def __new__(cls, answers: dict[str, str]):
         from lm_eval.api.model import LM
 
         class _Replay(LM):
             def generate_until(self, requests, disable_tqdm=False):
-                return [next(a for p, a in prompts.items() if p in r.args[0]) for r in requests]
+                return [next(a for p, a in answers.items() if p in r.args[0]) for r in requests]
 
             def loglikelihood(self, requests, disable_tqdm=False):
                 raise NotImplementedError
@@ -59,27 +65,31 @@ def ifeval_file(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return path, {r["prompt"]: IFEVAL_ANSWERS[r["key"]] for r in rows}
 
 
-def test_ifeval_verdicts_equal_lm_eval_ifeval_task(tmp_path, monkeypatch):
+def stage_and_reference(tmp_path: Path, monkeypatch, name: str, data: Path, answers: dict[str, str]):
+    """The eval stage's suite folder (eval=modern, only `name`, on `data`) and lm-eval's own run of the official task
+    on the same file, as lm-eval documents local data: (folder, config, reference samples, reference results)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    data, prompts = ifeval_file(tmp_path)
-    monkeypatch.setattr(harness, "load_lm", lambda *args: Replay(prompts))
-    cfg = compose_with("model=tiny", "method=base", "eval=modern", "eval.only=[ifeval]",
-                       "eval.harness.apply_chat_template=false", f"eval.harness.tasks.ifeval.data_files.test={data}")
+    monkeypatch.setattr(harness, "load_lm", lambda *args: Replay(answers))
+    cfg = compose_with("model=tiny", "method=base", "eval=modern", f"eval.only=[{name}]",
+                       "eval.harness.apply_chat_template=false", f"eval.harness.tasks.{name}.data_files.test={data}")
     execute(cfg, tmp_path / "run", ["eval"])
-    out = tmp_path / "run" / "eval" / "modern"
-
-    # lm-eval alone: its official ifeval task on the same file, as lm-eval documents local data
+    official = cfg.eval.harness.tasks[name].task
     (tmp_path / "ref").mkdir()
-    write_yaml(tmp_path / "ref" / "ifeval_ref.yaml", {
-        "include": str(LM_EVAL_TASKS["ifeval"].yaml_path), "task": "ifeval_ref", "dataset_path": "json",
+    write_yaml(tmp_path / "ref" / "ref.yaml", {
+        "include": str(LM_EVAL_TASKS[official].yaml_path), "task": "ref", "dataset_path": "json", "tag": [],
         "dataset_name": None, "dataset_kwargs": {"data_files": {"test": str(data)}}, "test_split": "test"})
     harness.offline_nltk_data()
-    reference = simple_evaluate(model=Replay(prompts), tasks=["ifeval_ref"], log_samples=True,
+    reference = simple_evaluate(model=Replay(answers), tasks=["ref"], log_samples=True,
                                 task_manager=TaskManager(include_path=str(tmp_path / "ref"), include_defaults=False))
-    ref_rows = {row["doc_id"]: row for row in reference["samples"]["ifeval_ref"]}
-    ref_results = reference["results"]["ifeval_ref"]
+    return tmp_path / "run" / "eval" / "modern", cfg, reference["samples"]["ref"], reference["results"]["ref"]
+
+
+def test_ifeval_verdicts_equal_lm_eval_ifeval_task(tmp_path, monkeypatch):
+    data, prompts = ifeval_file(tmp_path)
+    out, cfg, samples, ref_results = stage_and_reference(tmp_path, monkeypatch, "ifeval", data, prompts)
+    ref_rows = {row["doc_id"]: row for row in samples}
 
     metrics = read_json(out / "metrics.json")
     assert metrics["missing"] == {}
@@ -93,3 +103,29 @@ def test_ifeval_verdicts_equal_lm_eval_ifeval_task(tmp_path, monkeypatch):
             assert row[metric] == ref_rows[row["doc_id"]][metric]
     # the answers do not all pass or all fail: a flipped verdict moves a number
     assert 0 < metrics["ifeval"] < 100 and metrics["ifeval/prompt_level_loose_acc"] > metrics["ifeval"]
+
+
+def test_gsm8k_cot_verdicts_equal_lm_eval_gsm8k_cot(tmp_path, monkeypatch):
+    source = ARTIFACTS / "benchmarks" / "gsm8k" / "test.jsonl"
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(source.read_text().splitlines(keepends=True)[:3]))
+    out, cfg, samples, ref_results = stage_and_reference(tmp_path, monkeypatch, "gsm8k", data, GSM8K_ANSWERS)
+    metrics = read_json(out / "metrics.json")
+    for key, metric in harness.metric_keys("gsm8k", cfg.eval.harness.tasks.gsm8k).items():
+        assert metrics[key] == pytest.approx(100 * ref_results[metric], abs=1e-9)
+        name, _, filter_ = metric.partition(",")
+        assert suite.items(out, key) == {f"gsm8k_local/{r['doc_id']}": 100.0 * r[name] for r in samples
+                                         if r["filter"] == filter_}
+    # strict: 18 right, 4 wrong, no "The answer is" for 70000; flexible also takes the last number
+    assert (metrics["gsm8k"], metrics["gsm8k/exact_match_flexible-extract"]) == (pytest.approx(100 / 3), pytest.approx(200 / 3))
+
+
+@pytest.mark.slow  # lm-eval indexes all of its tasks to find the official ones
+def test_benchmarks_without_offline_data_are_missing_with_the_reason(tmp_path):
+    """MMLU-Pro, BBH CoT and TruthfulQA read the Hub; offline each is listed as missing, never given a number."""
+    cfg = compose_with("model=tiny", "method=base", "eval=modern", "eval.only=[mmlu_pro,truthfulqa]")
+    execute(cfg, tmp_path / "run", ["eval"])
+    metrics = read_json(tmp_path / "run" / "eval" / "modern" / "metrics.json")
+    assert set(metrics["missing"]) == {"mmlu_pro", "truthfulqa"}
+    assert "TIGER-Lab/MMLU-Pro" in metrics["missing"]["mmlu_pro"] and "data_files" in metrics["missing"]["mmlu_pro"]
+    assert not [key for key in metrics if key.startswith(("mmlu_pro", "truthfulqa"))]

@@ -134,8 +134,9 @@ def lm_eval_name(name: str, spec) -> str:
 
 
 def metric_keys(name: str, spec) -> dict[str, str]:
-    """{key in metrics.json: lm-eval "metric,filter"}: the benchmark's own number, then its extra metrics."""
-    return {name: spec.metric, **{f"{name}/{m.partition(',')[0]}": m for m in spec.extra_metrics}}
+    """{key in metrics.json: lm-eval "metric,filter"}: the benchmark's own number, then its extra metrics, each
+    "<benchmark>/<metric>" (filter "none") or "<benchmark>/<metric>_<filter>"."""
+    return {name: spec.metric, **{f"{name}/{m.removesuffix(',none').replace(',', '_')}": m for m in spec.extra_metrics}}
 
 
 def score(results: dict, name: str, spec, metric: str | None = None, *,
