@@ -295,6 +295,20 @@ class MTBenchConfig:
 
 
 @dataclass
+class ArenaHardConfig:
+    enabled: bool = False
+    # A folder holding question.jsonl and model_answer/<baseline>.jsonl (fetch_artifacts' offline copy); None: the
+    # official files at the pinned commit (im_repro/evaluate/arena_hard.py), each checked by its sha256 either way
+    data_dir: Optional[str] = None
+    categories: list[str] = field(default_factory=lambda: ["hard_prompt", "creative_writing"])
+    limit: Optional[int] = None  # the first N questions of each category
+    max_new_tokens: int = 4096
+    # The official v2.0 judge (config/arena-hard-v2.0.yaml: gpt-4.1, temperature 0, 16,000 tokens)
+    judge: JudgeConfig = field(default_factory=lambda: JudgeConfig(model="gpt-4.1", max_new_tokens=16000))
+    category: str = "llm_judged"
+
+
+@dataclass
 class EvalConfig:
     name: str = MISSING
     checkpoint: Optional[str] = None  # None: this run's train/final if complete, else model.path
@@ -307,6 +321,7 @@ class EvalConfig:
     humaneval: HumanEvalConfig = field(default_factory=HumanEvalConfig)
     alpaca_eval: AlpacaEvalConfig = field(default_factory=AlpacaEvalConfig)
     mt_bench: MTBenchConfig = field(default_factory=MTBenchConfig)
+    arena_hard: ArenaHardConfig = field(default_factory=ArenaHardConfig)
 
 
 @dataclass
@@ -481,6 +496,8 @@ RANGES: dict[str, Range] = {
     "eval.alpaca_eval.judge.max_new_tokens": COUNT, "eval.alpaca_eval.judge.max_retries": Range(0),
     "eval.alpaca_eval.judge.timeout_s": POSITIVE, "eval.mt_bench.judge.max_new_tokens": COUNT,
     "eval.mt_bench.judge.max_retries": Range(0), "eval.mt_bench.judge.timeout_s": POSITIVE,
+    "eval.arena_hard.limit": SOME, "eval.arena_hard.max_new_tokens": COUNT, "eval.arena_hard.judge.max_new_tokens": COUNT,
+    "eval.arena_hard.judge.max_retries": Range(0), "eval.arena_hard.judge.timeout_s": POSITIVE,
     "analysis.heldout_fraction": FRACTION, "analysis.loss_limit": SOME, "analysis.memorization_limit": SOME,
     "analysis.max_new_tokens": COUNT, "analysis.batch_size": COUNT, "analysis.heldout.limit": SOME,
     "stats.resamples": COUNT, "stats.confidence": Range(0, 1, open_low=True, open_high=True), "stats.seed": Range(0),

