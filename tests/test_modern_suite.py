@@ -9,6 +9,7 @@ that answers each prompt with a written text), some right and some wrong, so a v
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -201,3 +202,75 @@ def test_arena_hard_official_scorer_live(arena_run):
     (judgments,) = (arena_run / "arena_hard" / "model_judgment").glob("*/*.jsonl")
     live = official_battles(Path(os.environ["ARENA_HARD_AUTO"]), judgments)
     assert live == json.loads(ARENA_OFFICIAL.read_text())["categories"]
+
+
+class LengthLovingJudge(Judge):
+    """AlpacaEval 2.0's weighted annotator's stand-in: P(first output) grows with how much longer it is, plus a fixed
+    per-instruction tilt, so the raw and the length-controlled win rates differ."""
+
+    def __init__(self):
+        super().__init__("length-loving")
+
+    def complete(self, prompts, max_new_tokens):
+        raise NotImplementedError("the weighted annotator reads log-probabilities only")
+
+    def top_logprobs(self, prompts, k):
+        out = []
+        for messages in prompts:
+            text = messages[-1]["content"]
+            first, second = (part.split('"""', 1)[0] for part in text.split('"output": """')[1:3])
+            tilt = (sum(map(ord, text[:200])) % 7 - 3) / 3
+            p = 1 / (1 + math.exp(-((len(first) - len(second)) / 300 + tilt)))
+            out.append([("m", math.log(p)), ("M", math.log(1 - p))])
+        return out
+
+
+@pytest.mark.slow  # the 805 instructions: the length-controlled win rate exists for the full set only
+def test_length_controlled_win_rate_equals_alpaca_eval(tmp_path, monkeypatch):
+    """The LC win rate (and its per-instruction GLM preferences) equal alpaca_eval's get_length_controlled_winrate on
+    the annotations alpaca_eval wrote. alpaca_eval's GLM reads tatsu-lab/alpaca_eval's df_gamed.csv from the Hub,
+    which is not offline: a stand-in in its schema (two gamed baselines, per-instruction difficulties) takes its place
+    here, so the number is alpaca_eval's computation, not the official leaderboard's."""
+    import numpy as np
+    import pandas as pd
+    from alpaca_eval.metrics import get_length_controlled_winrate
+    from alpaca_eval.metrics import glm_winrate
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from im_repro.config import AlpacaEvalConfig
+    from im_repro.evaluate import alpaca
+    from im_repro.evaluate.generate import Generator
+    from im_repro.model import tokenizer_from_pretrained
+
+    official = ARTIFACTS / "benchmarks" / "alpaca_eval" / "alpaca_eval_gpt4_baseline.json"
+    cfg = AlpacaEvalConfig(enabled=True, versions=["2.0"], prompts=str(official), max_new_tokens=4,
+                           reference_outputs={"2.0": str(official)})
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, vocab_size=32000, initializer_range=0.2)).eval()
+    tokenizer = tokenizer_from_pretrained(str(ARTIFACTS / "tokenizers" / "llama2"))
+    generator = Generator(model, tokenizer, batch_size=32)
+
+    offline = alpaca.run(cfg, generator, tokenizer, "tulu", tmp_path / "offline", model_name="tiny",
+                         judge=LengthLovingJudge())  # no df_gamed.csv: missing, with the reason
+    assert "alpaca_eval_2.0/lc_win_rate" not in offline
+    reason = read_json(tmp_path / "offline" / "metrics.json")["missing"]["alpaca_eval_2.0/lc_win_rate"]
+    assert "df_gamed.csv" in reason
+
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(size=805)
+    gamed = pd.DataFrame([{"model": m, "index": i, "preference": rng.uniform(), "std_delta_len": rng.normal() + shift,
+                           "instruction_difficulty": difficulty[i], "not_gamed_baseline": False}
+                          for m, shift in (("gamed_long", 1.0), ("gamed_short", -1.0)) for i in range(805)])
+    gamed.to_csv(tmp_path / "df_gamed.csv", index=False)
+    monkeypatch.setattr(glm_winrate, "hf_hub_download", lambda **kwargs: str(tmp_path / "df_gamed.csv"))
+    metrics = alpaca.run(cfg, generator, tokenizer, "tulu", tmp_path / "offline", model_name="tiny",
+                         judge=LengthLovingJudge())  # judgments resumed from the cache
+    (annotations,) = (tmp_path / "offline" / "v2.0").glob("annotations.json")  # alpaca_eval's, for this annotator
+    reference = get_length_controlled_winrate(json.loads(annotations.read_text()), save_weights_dir=None)
+    assert metrics["alpaca_eval_2.0/lc_win_rate"] == pytest.approx(reference["length_controlled_winrate"], abs=1e-9)
+    assert metrics["alpaca_eval_2.0/win_rate"] == pytest.approx(reference["win_rate"], abs=1e-9)
+    lc_items = read_json(tmp_path / "offline" / "v2.0" / "lc_items.json")
+    assert len(lc_items) == 805
+    assert np.mean(list(lc_items.values())) == pytest.approx(metrics["alpaca_eval_2.0/lc_win_rate"], abs=1e-9)
+    assert abs(metrics["alpaca_eval_2.0/lc_win_rate"] - metrics["alpaca_eval_2.0/win_rate"]) > 1

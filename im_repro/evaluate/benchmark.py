@@ -7,7 +7,8 @@ has its own folder `eval/<suite>/<name>/` and its own key.
 
 What the suite records of each benchmark (`entry`, in `eval/<suite>/suite.json`, which the report reads without
 importing configs): its kind, its Table 1 category and direction, the metrics it must produce to count as done
-(`headlines`), the one its category averages (`score`), and the Table 1 columns it fills on its own (`columns`).
+(`headlines`), the one its category averages (`score`), the Table 1 columns it fills on its own (`columns`), and the
+other numbers it reports that a suite's own table shows beside its headlines (`more`).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Benchmark:
     def entry(self, eval_cfg, name: str) -> dict:
         """What the suite records of the benchmark (module docstring); a subclass adds its headlines."""
         return {"kind": self.kind, "category": eval_cfg[self.kind].category, "higher_is_better": True,
-                "headlines": [], "score": None, "columns": {}}
+                "headlines": [], "score": None, "columns": {}, "more": []}
 
     def settings(self, cfg, name: str) -> dict:
         """Its own resolved settings less `excluded`, and how prompts are rendered: part of its key."""

@@ -339,7 +339,7 @@ class Harness(Benchmark):
         t = eval_cfg.harness.tasks[name]
         metrics = metric_keys(name, t)
         return {"kind": self.kind, "category": t.category, "higher_is_better": t.higher_is_better,
-                "headlines": list(metrics), "score": name, "columns": {}, "metrics": metrics,
+                "headlines": list(metrics), "score": name, "columns": {}, "more": [], "metrics": metrics,
                 "task": t.task, "metric": t.metric, "num_fewshot": t.num_fewshot, "scale": t.scale}
 
     def settings(self, cfg, name: str) -> dict:

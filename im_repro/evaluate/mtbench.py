@@ -211,7 +211,7 @@ class MTBench(Benchmark):
 
     def entry(self, eval_cfg, name: str) -> dict:
         return {**super().entry(eval_cfg, name), "headlines": ["mt_bench/score"],
-                "columns": {"mt_bench": "mt_bench/score"}}
+                "columns": {"mt_bench": "mt_bench/score"}, "more": ["mt_bench/turn1", "mt_bench/turn2"]}
 
     def evaluate(self, context: Context, settings, out: Path) -> dict[str, float]:
         return run(settings, context.generator, context.generator.tokenizer, context.template, out,

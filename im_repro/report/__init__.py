@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from im_repro.config import StatsConfig
 from im_repro.report.collect import Run, identity, load_runs, wanted
 from im_repro.report.figures import FIGURE_FILES, FIGURES, figure2_points, write_figure
 from im_repro.report.render import TABLE_FILES, write_table
-from im_repro.report.tables import TABLES
+from im_repro.report.tables import TABLES, suite_columns
 from im_repro.common import write_json
 from im_repro.runs import REPO, now
 
@@ -67,7 +68,10 @@ def run(cfg, runs: list[Run]) -> dict:
               "runs": [{"path": str(r.path), "status": r.invocation.get("status"), **identity(r)} for r in runs],
               "written": {}, "skipped": {}}
     settings = StatsConfig(**cfg.stats) if "stats" in cfg else StatsConfig()
-    jobs = [(name, TABLE_FILES, partial(write_table, name, TABLES[name], settings)) for name in rc.tables]
+    specs = {name: TABLES[name] for name in rc.tables}
+    specs = {name: replace(spec, columns=suite_columns(runs, spec.suite)) if spec.suite else spec
+             for name, spec in specs.items()}
+    jobs = [(name, TABLE_FILES, partial(write_table, name, spec, settings)) for name, spec in specs.items()]
     jobs += [(name, FIGURE_FILES, partial(write_figure, name)) for name in rc.figures]
     for name, suffixes, write in jobs:
         result = write(runs, rc.label, rc.baseline, out)
