@@ -48,6 +48,13 @@ class Reduction(str, Enum):
     per_token_nonzero = "per_token_nonzero"  # by the count of non-zero weights in the global batch (WIT)
 
 
+class Weighting(str, Enum):
+    """A token's weight beyond its segment's (im_repro/train.py, LossSpec)."""
+
+    segment = "segment"  # the segment's weight alone (it, im, weighted)
+    dft = "dft"  # times the token's own probability, stop-gradient (DFT, arXiv 2508.05629)
+
+
 class Template(str, Enum):
     tulu = "tulu"
     chat_template = "chat_template"
@@ -132,6 +139,7 @@ class MethodConfig:
     mask: Optional[MaskMode] = MISSING  # which tokens carry the loss; null: nothing is trained (method=base)
     prompt_loss_weight: Optional[float] = None  # mask=weighted: the instruction tokens' weight (0 = it, 1 = im)
     response_weight: Optional[float] = None  # mask=weighted: the output tokens' weight (None: 1)
+    weighting: Weighting = Weighting.segment
     reduction: Reduction = Reduction.per_example
 
 
@@ -174,6 +182,10 @@ class TrainConfig:
     group_by_length: bool = False
     neftune_alpha: Optional[float] = None  # the paper used 5
     kl: KLConfig = field(default_factory=KLConfig)
+    # How each token's cross-entropy is computed: plain (from the logits), cce (cut-cross-entropy) or liger (Liger's
+    # fused linear cross-entropy, GPU), the fused two from the hidden states without the batch's logits; auto picks
+    # one (train.loss_kernel). The same loss either way (tests/test_loss.py), so it is in no key.
+    loss_kernel: str = "auto"
     deepspeed: Optional[str] = None  # a DeepSpeed JSON config, e.g. conf/deepspeed/zero3.json
     logging_steps: int = 1
     save_strategy: str = "epoch"  # epoch | steps | no
@@ -481,13 +493,15 @@ RANGES: dict[str, Range] = {
     "method.prompt_loss_weight": Range(0, 1, none=True), "method.response_weight": Range(0, open_low=True, none=True),
     "train.max_seq_length": COUNT, "train.global_batch_size": COUNT, "train.per_device_batch_size": COUNT,
     "train.learning_rate": POSITIVE, "train.warmup_ratio": Range(0, 1, open_high=True), "train.weight_decay": Range(0),
-    "train.epochs": POSITIVE, "train.adam_beta1": Range(0, 1, open_high=True), "train.adam_beta2": Range(0, 1, open_high=True),
-    "train.adam_epsilon": POSITIVE, "train.max_grad_norm": POSITIVE, "train.packing_row_tokens": SOME,
-    "train.neftune_alpha": Range(0, open_low=True, none=True), "train.kl.weight": Range(0), "train.logging_steps": COUNT,
-    "train.save_steps": COUNT, "train.save_total_limit": SOME, "train.dataloader_num_workers": Range(0),
+    "train.epochs": POSITIVE, "train.adam_beta1": Range(0, 1, open_high=True),
+    "train.adam_beta2": Range(0, 1, open_high=True), "train.adam_epsilon": POSITIVE,
+    "train.max_grad_norm": Range(0),  # 0: no clipping
+    "train.packing_row_tokens": SOME, "train.neftune_alpha": Range(0, open_low=True, none=True),
+    "train.kl.weight": Range(0), "train.logging_steps": COUNT, "train.save_steps": COUNT,
+    "train.save_total_limit": SOME, "train.dataloader_num_workers": Range(0),
     "eval.generation_batch_size": COUNT, "eval.harness.max_length": SOME, "eval.harness.max_batch_size": COUNT,
-    "eval.harness.limit": SOME, "eval.harness.tasks.*.limit": SOME, "eval.harness.tasks.*.num_fewshot": Range(0, none=True),
-    "eval.harness.tasks.*.scale": POSITIVE,
+    "eval.harness.limit": SOME, "eval.harness.tasks.*.limit": SOME,
+    "eval.harness.tasks.*.num_fewshot": Range(0, none=True), "eval.harness.tasks.*.scale": POSITIVE,
     "eval.humaneval.n": COUNT, "eval.humaneval.temperatures": Range(0), "eval.humaneval.top_p": FRACTION,
     "eval.humaneval.max_new_tokens": COUNT, "eval.humaneval.ks": COUNT, "eval.humaneval.limit": SOME,
     "eval.humaneval.timeout_s": POSITIVE, "eval.humaneval.memory_mb": COUNT, "eval.humaneval.workers": COUNT,
@@ -547,6 +561,11 @@ def validate(cfg, overrides: list[str] = ()) -> None:
                         "use method=weighted")
     if mask == "weighted" and m.prompt_loss_weight is None:
         raise UserError("method.mask=weighted needs method.prompt_loss_weight in [0, 1]")
+    if t.loss_kernel not in ("auto", "plain", "cce", "liger"):
+        raise UserError(f"train.loss_kernel={t.loss_kernel}: choose auto, plain, cce or liger")
+    if t.loss_kernel in ("cce", "liger") and t.kl.mode != "none":
+        raise UserError(f"train.loss_kernel={t.loss_kernel} never forms the logits, which train.kl.mode={t.kl.mode} "
+                        "needs: use train.loss_kernel=plain (or auto)")
     if cfg.data.subset.kind and cfg.data.limit:  # the limit would cut the pool the subset is chosen from
         raise UserError(f"data={cfg.data.name}: data.limit and data.subset cannot be combined")
     accumulation_steps(t.global_batch_size, t.per_device_batch_size, world_size())

@@ -16,7 +16,7 @@ from im_repro.evaluate import suite as evaluate_suite
 from im_repro.config import StatsConfig
 from im_repro.report.collect import Run, dig, identity, number, one_line, read_json
 
-METHOD_ORDER = ("base", "chat", "it", "neftune", "kl", "im", "im_neftune")
+METHOD_ORDER = ("base", "chat", "it", "neftune", "kl", "im", "im_neftune", "dft", "im_dft")
 
 # ------------------------------------------------------------------------------------------ measures ----------
 
