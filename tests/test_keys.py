@@ -26,6 +26,7 @@ NOT_IN_KEYS = {
     "humaneval": ("enabled", "workers", "category"),
     "alpaca_eval": ("enabled", "category", "judge.api_key_env", "judge.max_retries"),
     "mt_bench": ("enabled", "category", "judge.api_key_env", "judge.max_retries"),
+    "arena_hard": ("enabled", "category", "judge.api_key_env", "judge.max_retries"),
     "analysis": ("batch_size",),
 }  # and eval.generation_batch_size, eval.only: in no key
 
