@@ -71,11 +71,12 @@ def test_each_benchmark_keeps_the_protocol_on_the_tiny_model(evaluated, kind):
     recorded = read_json(out / "suite.json")["benchmarks"]
     metrics = read_json(out / "metrics.json")
     units = {u.path.name: u for u in stages.plan(cfg, run, ["eval"]).units["eval"]}
-    assert names and metrics["missing"] == {}
+    assert names
     for name in names:
         entry = benchmark.entry(cfg.eval, name)
         assert recorded[name] == json.loads(json.dumps(entry))  # what the report reads, without the config
         assert entry["kind"] == kind and entry["headlines"]
+        assert all(k in metrics for k in entry["headlines"]), metrics["missing"]  # (AE's LC needs all 805: missing)
         settings = benchmark.settings(cfg, name)
         json.dumps(settings)  # plain data
         assert read_record(out / name / "_COMPLETE")["key"] == units[name].key  # marked under its key

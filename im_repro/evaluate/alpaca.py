@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 
 from im_repro.common import append_jsonl, read_json, read_records, write_json
 from im_repro.config import AlpacaEvalConfig, JudgeConfig
-from im_repro.evaluate.benchmark import Benchmark, Context
+from im_repro.evaluate.benchmark import Judged
 from im_repro.evaluate.generate import chat_prompt, generate_resumable
 from im_repro.evaluate.judges import Judge, JudgeError, JudgeUnavailable, api_key, file_safe, make_judge
 
@@ -328,11 +328,11 @@ def win_rate_key(version: str) -> str:
     return f"alpaca_eval_{version}/win_rate"
 
 
-class AlpacaEval(Benchmark):
+class AlpacaEval(Judged):
     """AlpacaEval 1.0 and 2.0 as one benchmark (one set of generations), a Table 1 column per version."""
 
     kind = "alpaca_eval"
-    excluded = ("enabled", "category", "judge.api_key_env", "judge.max_retries")
+    judge_run = staticmethod(run)
 
     def entry(self, eval_cfg, name: str) -> dict:
         versions = list(eval_cfg.alpaca_eval.versions)
@@ -343,10 +343,6 @@ class AlpacaEval(Benchmark):
 
     def owns(self, name: str, key: str) -> bool:
         return key.startswith("alpaca_eval_")
-
-    def evaluate(self, context: Context, settings, out: Path) -> dict[str, float]:
-        return run(settings, context.generator, context.generator.tokenizer, context.template, out,
-                   model_name=context.model_name)
 
     def items(self, folder: Path, key: str, entry: dict) -> dict[str, float]:
         """"alpaca_eval_<v>/win_rate": each instruction's win; "alpaca_eval_2.0/lc_win_rate": its GLM preference."""

@@ -33,7 +33,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from im_repro.common import ChecksumError, download, file_sha256, read_jsonl
-from im_repro.evaluate.benchmark import Benchmark, Context
+from im_repro.evaluate.benchmark import Judged
 from im_repro.evaluate.generate import ResumableOutputs, chat_prompt, generate_resumable
 from im_repro.evaluate.judges import Judge, JudgeError, JudgeUnavailable, file_safe, make_judge
 
@@ -221,17 +221,13 @@ def items(judgment_file: Path, category: str) -> dict[str, float]:
     return {uid: 100.0 * sum(s) * len(pooled) / total for uid, s in pooled.items()}
 
 
-class ArenaHard(Benchmark):
+class ArenaHard(Judged):
     kind = "arena_hard"
-    excluded = ("enabled", "category", "judge.api_key_env", "judge.max_retries")
+    judge_run = staticmethod(run)
 
     def entry(self, eval_cfg, name: str) -> dict:
         keys = [f"arena_hard/{c}" for c in eval_cfg.arena_hard.categories]
         return {**super().entry(eval_cfg, name), "headlines": keys, "score": keys[0]}
-
-    def evaluate(self, context: Context, settings, out: Path) -> dict[str, float]:
-        return run(settings, context.generator, context.generator.tokenizer, context.template, out,
-                   model_name=context.model_name)
 
     def items(self, folder: Path, key: str, entry: dict) -> dict[str, float]:
         """"arena_hard/<category>": per question."""

@@ -96,3 +96,15 @@ class Benchmark:
     def protocol(self, out: Path, names: list[str]) -> dict:
         """How its numbers were made, for the suite's metrics.json (lm-eval's version and seeds, say)."""
         return {}
+
+
+class Judged(Benchmark):
+    """A benchmark whose answers a judge grades (AlpacaEval, MT-Bench, Arena-Hard): its module's `run` generates in
+    the model's chat format and asks the judge (`eval.<kind>.judge`, whose credentials cannot change a verdict)."""
+
+    excluded = ("enabled", "category", "judge.api_key_env", "judge.max_retries")
+    judge_run = None  # the module's run(settings, generator, tokenizer, template, out, *, model_name)
+
+    def evaluate(self, context: Context, settings, out: Path) -> dict[str, float]:
+        return type(self).judge_run(settings, context.generator, context.generator.tokenizer, context.template, out,
+                                    model_name=context.model_name)
