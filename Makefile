@@ -11,7 +11,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= true
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-slow test-slurm test-bwrap test-vllm test-fresh test-all bench-prepare bench-train bench-eval gpu-check gpu-wheels inspect-demo clean
+.PHONY: help setup demo test test-slow test-slurm test-bwrap test-vllm test-fresh test-all bench-prepare bench-train bench-loss bench-eval gpu-check gpu-wheels inspect-demo clean
 # LIMA for the demo and the benches: DATA=path/to/lima_data.jsonl (a local copy, e.g. on an offline machine), else
 # ../shared's when it sits beside the checkout; otherwise data=lima downloads it from the paper's repository at a
 # pinned commit, checks its sha256 and caches it.
@@ -27,7 +27,7 @@ setup: $(STAMP) $(ARTIFACTS)  ## create .venv with the CPU pins and build the of
 $(STAMP): pyproject.toml constraints-cpu.txt requirements-offline.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[test,slurm]'
+	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[test,slurm,cce]'
 	$(PY) -m pip install -q --no-deps -r requirements-offline.txt
 	touch $@
 
@@ -44,7 +44,7 @@ demo: setup  ## the main job on a CPU-sized default: IT vs IM on SmolLM2-135M, t
 # DRY_RUN=1 prints the job plan (runs, stages, resources, GPU-hours) and runs nothing.
 LAUNCHER ?= local
 ARGS ?=
-EXPERIMENTS := table1 table2 table3 table4 table5 figure2 figure2size figure3 plw
+EXPERIMENTS := table1 table2 table3 table4 table5 figure2 figure2size figure3 plw wit dft
 reproduce-table-7: reproduce-table-3  ## Table 7 is Table 3's KL sweep
 	@:
 reproduce-figure-8 reproduce-figure-9: reproduce-figure-3  ## Figures 8 and 9 are Figure 3's loss analyses
@@ -53,7 +53,7 @@ reproduce-figure-8 reproduce-figure-9: reproduce-figure-3  ## Figures 8 and 9 ar
 # the training GPUs, then eval / heldout_loss / memorization on fewer. The report runs last, also after a failed job
 # (whose cells then say why), and the target still fails with the sweep's status.
 sweep = $(PY) -m im_repro -m experiment=$(1) $(2) $(ARGS)
-reproduce-%: setup  ## reproduce-table-1 ... reproduce-table-5, reproduce-figure-2, reproduce-figure-2-size, reproduce-figure-3, reproduce-plw
+reproduce-%: setup  ## reproduce-table-1 ... reproduce-table-5, reproduce-figure-2, reproduce-figure-2-size, reproduce-figure-3, reproduce-plw, reproduce-wit, reproduce-dft
 	$(if $(filter $(subst -,,$*),$(EXPERIMENTS)),,$(error no experiment $(subst -,,$*); have $(EXPERIMENTS)))
 ifdef DRY_RUN
 	$(call sweep,$(subst -,,$*),dry_run=true)
@@ -105,6 +105,9 @@ bench-prepare: setup  ## time masking against bare tokenization and the paper's 
 
 bench-train: setup  ## training tokens/s: micro-batch 1, padded, length-grouped, packed, dense floor; IT vs IM
 	$(PY) scripts/bench_train.py $(LIMA_ARG)
+
+bench-loss: setup  ## peak memory of one step's loss at a 128k vocabulary: plain vs fused cross-entropy (train.loss_kernel)
+	$(PY) scripts/bench_loss.py
 
 bench-eval: setup $(VLLM_STAMP)  ## generation tokens/s on the AlpacaEval path: HF batch 1, static, continuous; vLLM (SmolLM2)
 	$(PY) scripts/bench_eval.py $(LIMA_ARG) --vllm-python $(abspath $(VLLM_VENV))/bin/python --vllm-eager

@@ -14,6 +14,12 @@ from typing import Any, Iterable
 
 # --- files ----------------------------------------------------------------------------------------------------------
 
+def artifacts() -> Path:
+    """The offline artifacts folder (scripts/fetch_artifacts.py): IM_REPRO_ARTIFACTS, else artifacts/ beside the
+    package."""
+    return Path(os.environ.get("IM_REPRO_ARTIFACTS", Path(__file__).resolve().parents[1] / "artifacts"))
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Atomic: a reader never sees half a file, and two writers never share a temporary file."""
     path = Path(path)
@@ -38,7 +44,13 @@ def read_jsonl(path: str | Path, missing_ok: bool = False) -> list[dict]:
     path = Path(path)
     if missing_ok and not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in jsonl_lines(path.read_text(encoding="utf-8"))]
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The non-empty lines of JSONL text: split at "\n" alone (str.splitlines also splits at U+2028 and other
+    separators that JSON strings may hold raw, as Arena-Hard's questions do)."""
+    return [line for line in text.split("\n") if line.strip()]
 
 
 def read_records(path: str | Path) -> list[dict]:
@@ -46,7 +58,7 @@ def read_records(path: str | Path) -> list[dict]:
     text = Path(path).read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [json.loads(line) for line in jsonl_lines(text)]
 
 
 def append_jsonl(path: str | Path, records: Iterable[dict]) -> None:

@@ -48,6 +48,13 @@ class Reduction(str, Enum):
     per_token_nonzero = "per_token_nonzero"  # by the count of non-zero weights in the global batch (WIT)
 
 
+class Weighting(str, Enum):
+    """A token's weight beyond its segment's (im_repro/train.py, LossSpec)."""
+
+    segment = "segment"  # the segment's weight alone (it, im, weighted)
+    dft = "dft"  # times the token's own probability, stop-gradient (DFT, arXiv 2508.05629)
+
+
 class Template(str, Enum):
     tulu = "tulu"
     chat_template = "chat_template"
@@ -132,6 +139,7 @@ class MethodConfig:
     mask: Optional[MaskMode] = MISSING  # which tokens carry the loss; null: nothing is trained (method=base)
     prompt_loss_weight: Optional[float] = None  # mask=weighted: the instruction tokens' weight (0 = it, 1 = im)
     response_weight: Optional[float] = None  # mask=weighted: the output tokens' weight (None: 1)
+    weighting: Weighting = Weighting.segment
     reduction: Reduction = Reduction.per_example
 
 
@@ -174,6 +182,10 @@ class TrainConfig:
     group_by_length: bool = False
     neftune_alpha: Optional[float] = None  # the paper used 5
     kl: KLConfig = field(default_factory=KLConfig)
+    # How each token's cross-entropy is computed: plain (from the logits), cce (cut-cross-entropy) or liger (Liger's
+    # fused linear cross-entropy, GPU), the fused two from the hidden states without the batch's logits; auto picks
+    # one (train.loss_kernel). The same loss either way (tests/test_loss.py), so it is in no key.
+    loss_kernel: str = "auto"
     deepspeed: Optional[str] = None  # a DeepSpeed JSON config, e.g. conf/deepspeed/zero3.json
     logging_steps: int = 1
     save_strategy: str = "epoch"  # epoch | steps | no
@@ -189,13 +201,17 @@ class HarnessTask:
 
     task: str = MISSING  # lm-eval task or group name
     metric: str = MISSING  # key in lm-eval's results, "metric,filter" (e.g. "acc_norm,none")
+    # More metrics of the same lm-eval run ("metric,filter"), each reported as "<benchmark>/<metric>" (IFEval's
+    # instruction-level and loose accuracies beside its prompt-level strict one)
+    extra_metrics: list[str] = field(default_factory=list)
     category: str = MISSING  # knowledge | multilinguality | commonsense | math_coding | bbh | safety
     num_fewshot: Optional[int] = None  # None: the task's own default
     higher_is_better: bool = True
     scale: float = 1.0  # the released code divides TER by 100
     limit: Optional[int] = None  # the first N examples of each task; overrides harness.limit
-    # Run the official task on local files of the same schema: {split: path}; `dataset_path` is arrow or json.
-    data_files: Optional[dict[str, str]] = None
+    # Run the official task on local files of the same schema: {split: path}; `dataset_path` is arrow or json. Paths
+    # that are all null (`${offline:...}` where there is no offline copy) mean the official dataset.
+    data_files: Optional[dict[str, Optional[str]]] = None
     dataset_path: str = "arrow"
     # lm-eval's generation arguments over the task's own, e.g. "max_gen_toks=96" (a generate_until task only)
     gen_kwargs: Optional[str] = None
@@ -291,8 +307,22 @@ class MTBenchConfig:
 
 
 @dataclass
+class ArenaHardConfig:
+    enabled: bool = False
+    # A folder holding question.jsonl and model_answer/<baseline>.jsonl (fetch_artifacts' offline copy); None: the
+    # official files at the pinned commit (im_repro/evaluate/arena_hard.py), each checked by its sha256 either way
+    data_dir: Optional[str] = None
+    categories: list[str] = field(default_factory=lambda: ["hard_prompt", "creative_writing"])
+    limit: Optional[int] = None  # the first N questions of each category
+    max_new_tokens: int = 4096
+    # The official v2.0 judge (config/arena-hard-v2.0.yaml: gpt-4.1, temperature 0, 16,000 tokens)
+    judge: JudgeConfig = field(default_factory=lambda: JudgeConfig(model="gpt-4.1", max_new_tokens=16000))
+    category: str = "llm_judged"
+
+
+@dataclass
 class GenerationConfig:
-    """How the generating benchmarks (HumanEval, AlpacaEval, MT-Bench) and the memorization stage generate
+    """How the generating benchmarks (HumanEval, AlpacaEval, MT-Bench, Arena-Hard) and the memorization stage generate
     (im_repro/evaluate/generate.py). Prompts reach either engine as the token ids our renderer made, once."""
 
     # hf: transformers' generate in length-sorted static batches, in this process; vllm: vLLM in a worker process
@@ -324,6 +354,7 @@ class EvalConfig:
     humaneval: HumanEvalConfig = field(default_factory=HumanEvalConfig)
     alpaca_eval: AlpacaEvalConfig = field(default_factory=AlpacaEvalConfig)
     mt_bench: MTBenchConfig = field(default_factory=MTBenchConfig)
+    arena_hard: ArenaHardConfig = field(default_factory=ArenaHardConfig)
 
 
 @dataclass
@@ -402,7 +433,8 @@ class EvalSize:
 
 
 def _eval_sizes() -> dict[str, EvalSize]:
-    """eval=paper's benchmarks: test (else validation) documents as lm-eval scores them; token counts estimated."""
+    """eval=paper's and eval=modern's benchmarks: test (else validation) documents as lm-eval scores them; token
+    counts estimated."""
     mc = EvalSize  # scored by log-likelihood, one request per choice
     return {
         "mmlu": mc(14042, 1, 110),  # one-token choices: lm-eval scores them in one pass per question
@@ -419,6 +451,9 @@ def _eval_sizes() -> dict[str, EvalSize]:
         "alpaca_eval": EvalSize(805, 1, 60, generated_tokens=400),
         "mt_bench": EvalSize(80, 2, 350, generated_tokens=350),  # turn 2's prompt holds turn 1 and its answer
         "memorization": EvalSize(1000, 1, 100, generated_tokens=300),  # documents: the training examples
+        # eval=modern's others (its gsm8k, bbh and truthfulqa entries are the tasks above)
+        "ifeval": EvalSize(541, 1, 60, generated_tokens=350), "mmlu_pro": EvalSize(12032, 1, 250, 5, 250),
+        "arena_hard": EvalSize(750, 1, 200, generated_tokens=1000),  # v2.0: 500 hard prompts + 250 creative writing
     }
 
 
@@ -538,14 +573,16 @@ RANGES: dict[str, Range] = {
     "method.prompt_loss_weight": Range(0, 1, none=True), "method.response_weight": Range(0, open_low=True, none=True),
     "train.max_seq_length": COUNT, "train.global_batch_size": COUNT, "train.per_device_batch_size": COUNT,
     "train.learning_rate": POSITIVE, "train.warmup_ratio": Range(0, 1, open_high=True), "train.weight_decay": Range(0),
-    "train.epochs": POSITIVE, "train.adam_beta1": Range(0, 1, open_high=True), "train.adam_beta2": Range(0, 1, open_high=True),
-    "train.adam_epsilon": POSITIVE, "train.max_grad_norm": POSITIVE, "train.packing_row_tokens": SOME,
-    "train.neftune_alpha": Range(0, open_low=True, none=True), "train.kl.weight": Range(0), "train.logging_steps": COUNT,
-    "train.save_steps": COUNT, "train.save_total_limit": SOME, "train.dataloader_num_workers": Range(0),
+    "train.epochs": POSITIVE, "train.adam_beta1": Range(0, 1, open_high=True),
+    "train.adam_beta2": Range(0, 1, open_high=True), "train.adam_epsilon": POSITIVE,
+    "train.max_grad_norm": Range(0),  # 0: no clipping
+    "train.packing_row_tokens": SOME, "train.neftune_alpha": Range(0, open_low=True, none=True),
+    "train.kl.weight": Range(0), "train.logging_steps": COUNT, "train.save_steps": COUNT,
+    "train.save_total_limit": SOME, "train.dataloader_num_workers": Range(0),
     "eval.generation.batch_size": COUNT, "eval.generation.gpu_memory_utilization": FRACTION,
     "eval.generation.max_model_len": SOME, "eval.harness.max_length": SOME, "eval.harness.max_batch_size": COUNT,
-    "eval.harness.limit": SOME, "eval.harness.tasks.*.limit": SOME, "eval.harness.tasks.*.num_fewshot": Range(0, none=True),
-    "eval.harness.tasks.*.scale": POSITIVE,
+    "eval.harness.limit": SOME, "eval.harness.tasks.*.limit": SOME,
+    "eval.harness.tasks.*.num_fewshot": Range(0, none=True), "eval.harness.tasks.*.scale": POSITIVE,
     "eval.humaneval.n": COUNT, "eval.humaneval.temperatures": Range(0), "eval.humaneval.top_p": FRACTION,
     "eval.humaneval.max_new_tokens": COUNT, "eval.humaneval.ks": COUNT, "eval.humaneval.limit": SOME,
     "eval.humaneval.timeout_s": POSITIVE, "eval.humaneval.memory_mb": COUNT, "eval.humaneval.workers": COUNT,
@@ -554,6 +591,8 @@ RANGES: dict[str, Range] = {
     "eval.alpaca_eval.judge.max_new_tokens": COUNT, "eval.alpaca_eval.judge.max_retries": Range(0),
     "eval.alpaca_eval.judge.timeout_s": POSITIVE, "eval.mt_bench.judge.max_new_tokens": COUNT,
     "eval.mt_bench.judge.max_retries": Range(0), "eval.mt_bench.judge.timeout_s": POSITIVE,
+    "eval.arena_hard.limit": SOME, "eval.arena_hard.max_new_tokens": COUNT, "eval.arena_hard.judge.max_new_tokens": COUNT,
+    "eval.arena_hard.judge.max_retries": Range(0), "eval.arena_hard.judge.timeout_s": POSITIVE,
     "analysis.heldout_fraction": FRACTION, "analysis.loss_limit": SOME, "analysis.memorization_limit": SOME,
     "analysis.max_new_tokens": COUNT, "analysis.batch_size": COUNT, "analysis.heldout.limit": SOME,
     "stats.resamples": COUNT, "stats.confidence": Range(0, 1, open_low=True, open_high=True), "stats.seed": Range(0),
@@ -607,6 +646,11 @@ def validate(cfg, overrides: list[str] = ()) -> None:
                         "use method=weighted")
     if mask == "weighted" and m.prompt_loss_weight is None:
         raise UserError("method.mask=weighted needs method.prompt_loss_weight in [0, 1]")
+    if t.loss_kernel not in ("auto", "plain", "cce", "liger"):
+        raise UserError(f"train.loss_kernel={t.loss_kernel}: choose auto, plain, cce or liger")
+    if t.loss_kernel in ("cce", "liger") and t.kl.mode != "none":
+        raise UserError(f"train.loss_kernel={t.loss_kernel} never forms the logits, which train.kl.mode={t.kl.mode} "
+                        "needs: use train.loss_kernel=plain (or auto)")
     if cfg.data.subset.kind and cfg.data.limit:  # the limit would cut the pool the subset is chosen from
         raise UserError(f"data={cfg.data.name}: data.limit and data.subset cannot be combined")
     accumulation_steps(t.global_batch_size, t.per_device_batch_size, world_size())

@@ -31,7 +31,7 @@ EXCLUDED: dict[str, tuple[str, ...]] = {
     "model": ("name", "params_b"),
     "method": ("name",),  # the label; the loss mode and the train settings it sets decide
     "train": ("name", "logging_steps", "report_to", "save_strategy", "save_steps", "save_total_limit",
-              "dataloader_num_workers", "gradient_checkpointing"),
+              "dataloader_num_workers", "gradient_checkpointing", "loss_kernel"),
     "prepare": ("num_proc", "batch_size", "cache_dir"),
     "analysis": ("batch_size",),
 }  # each benchmark lists its own (Benchmark.excluded); eval.only and eval.generation are in no key, but the engine it

@@ -84,6 +84,8 @@ def eval_work(cfg, stage: str) -> dict[str, dict]:
         else:
             settings = cfg.eval[kind]
             task, limit, fewshot, cap = kind, settings.limit, None, settings.max_new_tokens
+            if limit and kind == "arena_hard":  # its limit counts the questions of each category
+                limit *= len(settings.categories)
             factor = settings.n * len(settings.temperatures) if kind == "humaneval" else 1
         size = sizes.get(task)
         if size is None:

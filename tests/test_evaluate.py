@@ -155,3 +155,18 @@ def test_code_execution_is_opt_in_and_reported_missing(tmp_path):
     assert "humaneval/pass@1" not in metrics and "execute" in metrics["missing"]["humaneval"]
     assert (tmp_path / "eval" / "smoke" / "humaneval" / "samples_t0.1.jsonl").exists()  # generation still ran
     assert not (tmp_path / "eval" / "smoke" / "humaneval" / "_COMPLETE").exists()  # never marked done
+
+
+def test_a_scored_benchmark_keeps_the_reason_one_of_its_other_metrics_is_missing(tmp_path):
+    """AlpacaEval on a subset has a raw win rate but no LC win rate: the reason reaches metrics.json and the table."""
+    from im_repro.common import write_json
+    from im_repro.report.tables import metric_cell
+
+    why = "the length-controlled win rate needs the full official 805 instructions"
+    (tmp_path / "alpaca_eval").mkdir()
+    write_json(tmp_path / "alpaca_eval" / "metrics.json",
+               {"metrics": {"alpaca_eval_2.0/win_rate": 40.0}, "missing": {"alpaca_eval_2.0/lc_win_rate": why}})
+    scored = {"alpaca_eval_2.0/win_rate": 40.0}
+    missing = evaluate.missing_reasons({"alpaca_eval": {"headlines": ["alpaca_eval_2.0/win_rate"]}}, scored, tmp_path)
+    assert metric_cell({**scored, "missing": missing}, {}, "alpaca_eval", "alpaca_eval_2.0/lc_win_rate").why == why
+    assert metric_cell({**scored, "missing": missing}, {}, "alpaca_eval", "alpaca_eval_2.0/win_rate").value == 40.0

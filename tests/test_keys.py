@@ -20,12 +20,13 @@ NOT_IN_KEYS = {
     "model": ("name", "params_b"),
     "method": ("name",),
     "train": ("name", "logging_steps", "report_to", "save_strategy", "save_steps", "save_total_limit",
-              "dataloader_num_workers", "gradient_checkpointing"),
+              "dataloader_num_workers", "gradient_checkpointing", "loss_kernel"),
     "prepare": ("num_proc", "batch_size", "cache_dir"),
     "harness": ("batch_size", "max_batch_size", "log_samples"),
     "humaneval": ("enabled", "workers", "category"),
     "alpaca_eval": ("enabled", "category", "judge.api_key_env", "judge.max_retries"),
     "mt_bench": ("enabled", "category", "judge.api_key_env", "judge.max_retries"),
+    "arena_hard": ("enabled", "category", "judge.api_key_env", "judge.max_retries"),
     "analysis": ("batch_size",),
 }  # and eval.only, eval.generation: in no key (the engine it chooses is: test_generation_keys)
 

@@ -80,7 +80,8 @@ def test_dry_run_marks_finished_stages_and_estimates_gpu_hours(tmp_path):
     assert "report" not in launch.format_plan([plan]).split("\n")[-2]  # no report tables asked for: no report job
 
 
-@pytest.mark.parametrize("experiment", ["table1", "table2", "table3", "table4", "table5", "figure2", "figure2size", "figure3", "plw", "demo"])
+@pytest.mark.parametrize("experiment", ["table1", "table2", "table3", "table4", "table5", "figure2", "figure2size",
+                                        "figure3", "plw", "wit", "dft", "demo"])
 def test_every_experiment_composes_with_a_sweep_and_a_report(experiment):
     cfg = compose_with(f"experiment={experiment}", hydra=True)
     assert cfg.experiment == experiment and cfg.hydra.sweeper.params
@@ -191,3 +192,17 @@ def test_eval_gpu_hours_come_from_the_suites_token_counts():
     unknown = launch.eval_hours(compose_with("model=llama2_7b", "stages=[eval]", "eval=smoke",
                                              "eval.harness.tasks.piqa.task=some_new_task"), "eval")[1]
     assert unknown["piqa"] == {"unknown": "no launch.eval_sizes.some_new_task"}
+
+
+def test_the_token_weight_experiments_plan_their_runs(tmp_path, monkeypatch, capsys):
+    from tests.test_edges import in_process
+
+    status, out = in_process(monkeypatch, capsys, "-m", "experiment=wit", "dry_run=true", f"runs_dir={tmp_path}")
+    names = {line.split()[0].split("__")[:3][2] for line in out.splitlines() if "__llama2_7b__" in line}
+    assert status == 0 and names == {f"wit{p}_{r}" for p in ("0.0", "0.1", "0.5") for r in ("0.5", "1.0")}
+    assert "12 runs, 37 jobs" in out
+    status, out = in_process(monkeypatch, capsys, "-m", "experiment=dft", "data=lima", "dry_run=true",
+                             f"runs_dir={tmp_path}")
+    jobs = [line.split() for line in out.splitlines() if line.startswith("lima__llama2_7b__")]
+    assert status == 0 and {j[0].split("__")[2] for j in jobs} == {"it", "im", "dft", "im_dft"}
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from im_repro.common import UserError
 from im_repro import report
 from im_repro.config import HarnessTask, ReportConfig
 from im_repro.evaluate import harness, suite
@@ -278,9 +279,9 @@ def test_seeds_are_reported_as_mean_std_and_count(tmp_path: Path):
 
 
 def test_unknown_names_and_no_runs_fail_loudly(tmp_path: Path):
-    with pytest.raises(ValueError, match="unknown \\['table9'\\]"):
+    with pytest.raises(UserError, match="unknown \\['table9'\\]"):
         run_report(tmp_path, tables=["table9"])
-    with pytest.raises(FileNotFoundError, match="none of the 0 runs"):
+    with pytest.raises(UserError, match="none of the 0 runs"):
         run_report(tmp_path, tables=["table1"])
 
 

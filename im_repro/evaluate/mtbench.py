@@ -28,7 +28,7 @@ from pathlib import Path
 
 from im_repro.common import download, read_jsonl
 from im_repro.config import MTBenchConfig
-from im_repro.evaluate.benchmark import Benchmark, Context
+from im_repro.evaluate.benchmark import Judged
 from im_repro.evaluate.generate import ResumableOutputs, chat_prompt, generate_resumable
 from im_repro.evaluate.judges import Judge, JudgeError, JudgeUnavailable, file_safe, make_judge
 
@@ -205,18 +205,13 @@ def items(judgment_file: Path, turn: int | None = None) -> dict[str, float]:
     return {q: s * len(sums) / n for q, s in sums.items()}
 
 
-class MTBench(Benchmark):
+class MTBench(Judged):
     kind = "mt_bench"
-    generates = True
-    excluded = ("enabled", "category", "judge.api_key_env", "judge.max_retries")
+    judge_run = staticmethod(run)
 
     def entry(self, eval_cfg, name: str) -> dict:
         return {**super().entry(eval_cfg, name), "headlines": ["mt_bench/score"],
-                "columns": {"mt_bench": "mt_bench/score"}}
-
-    def evaluate(self, context: Context, settings, out: Path) -> dict[str, float]:
-        return run(settings, context.generator, context.generator.tokenizer, context.template, out,
-                   model_name=context.model_name)
+                "columns": {"mt_bench": "mt_bench/score"}, "more": ["mt_bench/turn1", "mt_bench/turn2"]}
 
     def items(self, folder: Path, key: str, entry: dict) -> dict[str, float]:
         """"mt_bench/score" (both turns pooled), "mt_bench/turn1" or "mt_bench/turn2"."""

@@ -27,7 +27,7 @@ import torch
 from im_repro import keys
 from im_repro.common import UserError, is_main, read_json, write_json
 from im_repro.config import StatsConfig
-from im_repro.evaluate import alpaca, harness, humaneval, mtbench
+from im_repro.evaluate import alpaca, arena_hard, harness, humaneval, mtbench
 from im_repro.evaluate.benchmark import Benchmark, Context
 from im_repro.evaluate.generate import Generator, LazyGenerator, engine, hf_generator, make_generator
 from im_repro.model import load_inference
@@ -36,8 +36,8 @@ from im_repro.runs import MARKER, Job, Unit, read_record
 log = logging.getLogger("im_repro")
 
 # In running order: lm-eval first, so the generating benchmarks reuse the model it loaded.
-BENCHMARKS: dict[str, Benchmark] = {b.kind: b for b in (harness.BENCHMARK, humaneval.BENCHMARK,
-                                                        alpaca.BENCHMARK, mtbench.BENCHMARK)}
+BENCHMARKS: dict[str, Benchmark] = {b.kind: b for b in (harness.BENCHMARK, humaneval.BENCHMARK, alpaca.BENCHMARK,
+                                                        mtbench.BENCHMARK, arena_hard.BENCHMARK)}
 
 
 def suite(cfg) -> dict[str, dict]:
@@ -126,23 +126,30 @@ def generator(context: Context) -> Generator:
 
 
 def missing_reasons(chosen: dict, metrics: dict, out: Path) -> dict[str, str]:
-    """Why a chosen benchmark has no number: the reason its own folder recorded, or 'no result'."""
+    """Why a chosen benchmark lacks a number: the reasons its own folder recorded (a headline's or any other metric's,
+    e.g. AlpacaEval's LC win rate beside a raw one), else 'no result' for its absent headlines."""
     missing = {}
     for name, entry in chosen.items():
         absent = [key for key in entry["headlines"] if key not in metrics]
-        if absent:
-            reasons = (read_json(out / name / "metrics.json") or {}).get("missing")
-            missing[name] = json.dumps(reasons) if reasons else f"no result for {', '.join(absent)}"
+        reasons = (read_json(out / name / "metrics.json") or {}).get("missing")
+        if reasons:
+            missing[name] = json.dumps(reasons)
+        elif absent:
+            missing[name] = f"no result for {', '.join(absent)}"
     return missing
 
 
 def summary(chosen: dict, metrics: dict, missing: dict, out: Path) -> None:
-    """The stage's last lines: each benchmark's headline numbers, or why it has none, and where they are."""
+    """The stage's last lines: each benchmark's headline numbers and why any of its metrics has none, and where they
+    are."""
     for name, entry in chosen.items():
-        if name in missing:
-            log.warning("eval: %s: no result (%s)", name, missing[name][:200])
+        scored = [f"{k} {metrics[k]:.2f}" for k in entry["headlines"] if k in metrics]
+        if not scored:
+            log.warning("eval: %s: no result (%s)", name, missing.get(name, "")[:200])
+        elif name in missing:
+            log.warning("eval: %s: %s; missing: %s", name, ", ".join(scored), missing[name][:200])
         else:
-            log.info("eval: %s: %s", name, ", ".join(f"{k} {metrics[k]:.2f}" for k in entry["headlines"]))
+            log.info("eval: %s: %s", name, ", ".join(scored))
     log.info("eval: metrics in %s", out / "metrics.json")
 
 

@@ -16,7 +16,9 @@ says why (the eval stage's `missing` reason, a failed stage, a stage never run);
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -28,8 +30,8 @@ from im_repro.config import StatsConfig
 from im_repro.report.collect import Run, identity, load_runs, wanted
 from im_repro.report.figures import FIGURE_FILES, FIGURES, figure2_points, write_figure
 from im_repro.report.render import TABLE_FILES, write_table
-from im_repro.report.tables import TABLES
-from im_repro.common import write_json
+from im_repro.report.tables import TABLES, suite_columns
+from im_repro.common import UserError, write_json
 from im_repro.runs import REPO, now
 
 __all__ = ["run", "load_runs", "wanted", "figure2_points", "identity", "TABLES", "FIGURES"]
@@ -54,11 +56,11 @@ def run(cfg, runs: list[Run]) -> dict:
     for kind, names, known in (("tables", rc.tables, TABLES), ("figures", rc.figures, FIGURES)):
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise ValueError(f"report.{kind}={list(names)}: unknown {unknown}; choose from {sorted(known)}")
+            raise UserError(f"report.{kind}={list(names)}: unknown {unknown}; choose from {sorted(known)}")
     root = Path(cfg.runs_dir)
     if not any(r.manifest for r in runs):
         names = ", ".join(r.path.name for r in runs[:3]) + (", ..." if len(runs) > 3 else "")
-        raise FileNotFoundError(f"report: none of the {len(runs)} runs of experiment={cfg.experiment} is in {root} "
+        raise UserError(f"none of the {len(runs)} runs of experiment={cfg.experiment} is in {root} "
                                 f"({names or 'no run'}); run the experiment's sweep first, with the same overrides")
     out = Path(rc.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +69,10 @@ def run(cfg, runs: list[Run]) -> dict:
               "runs": [{"path": str(r.path), "status": r.invocation.get("status"), **identity(r)} for r in runs],
               "written": {}, "skipped": {}}
     settings = StatsConfig(**cfg.stats) if "stats" in cfg else StatsConfig()
-    jobs = [(name, TABLE_FILES, partial(write_table, name, TABLES[name], settings)) for name in rc.tables]
+    specs = {name: TABLES[name] for name in rc.tables}
+    specs = {name: replace(spec, columns=suite_columns(runs, spec.suite)) if spec.suite else spec
+             for name, spec in specs.items()}
+    jobs = [(name, TABLE_FILES, partial(write_table, name, spec, settings)) for name, spec in specs.items()]
     jobs += [(name, FIGURE_FILES, partial(write_figure, name)) for name in rc.figures]
     for name, suffixes, write in jobs:
         result = write(runs, rc.label, rc.baseline, out)
@@ -110,6 +115,11 @@ def main() -> None:
     def report_main(cfg: DictConfig) -> None:
         hc = HydraConfig.get()
         overrides = [o for o in hc.overrides.task if not o.startswith("report.")]  # what the runs were made with
-        run(cfg, wanted(Path(cfg.runs_dir), dict(hc.sweeper.params or {}), overrides + swept))
+        try:
+            run(cfg, wanted(Path(cfg.runs_dir), dict(hc.sweeper.params or {}), overrides + swept))
+        except UserError as e:  # a message, not a traceback (HYDRA_FULL_ERROR=1: the traceback)
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            sys.exit(f"im_repro.report: error: {e}")
 
     report_main()

@@ -14,7 +14,7 @@ from im_repro import paper, stats
 from im_repro.config import StatsConfig
 from im_repro.report.collect import Run, dig, identity, number
 from im_repro.report.tables import (AE1, EVAL_COLUMNS, KEYS, TABLES, Column, Items, TableSpec, build, eval_cells,
-                                    eval_items, order, paper_row, stats_cells)
+                                    eval_items, length_cells, order, paper_row, stats_cells)
 from im_repro.common import read_jsonl
 
 FIGURE_FILES = (".png", ".pdf")
@@ -206,7 +206,33 @@ def plw_categories(runs: Sequence[Run], baseline: str, settings: StatsConfig = S
     return fig
 
 
+def length_winrate(runs: Sequence[Run], baseline: str):
+    """Win rate against mean output length (tokens), one point per run, a colour per method: AlpacaEval 2.0 raw
+    (filled) and length-controlled (hollow), and MT-Bench."""
+    points = [(identity(run)["method"], length_cells(run)) for run in runs]
+    panels = (("ae_tokens_mean", ("ae_win_rate", "ae_lc_win_rate"), "AlpacaEval 2.0 win rate (%)"),
+              ("mt_tokens_mean", ("mt_bench",), "MT-Bench score (1-10)"))
+    if not any(c[x].value is not None and c[y].value is not None for _, c in points for x, ys, _ in panels for y in ys):
+        return "no run has an output length beside an AlpacaEval 2.0 win rate or an MT-Bench score"
+    methods = sorted({m for m, _ in points}, key=lambda m: order({"method": m}))
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, (x, ys, label) in zip(axes, panels):
+        for y in ys:
+            for i, method in enumerate(methods):
+                xy = [(c[x].value, c[y].value) for m, c in points
+                      if m == method and c[x].value is not None and c[y].value is not None]
+                if xy:
+                    lc = y.endswith("lc_win_rate")
+                    ax.scatter(*zip(*xy), s=40, color=f"C{i}", facecolors="none" if lc else f"C{i}",
+                               label=f"{method}{' (length-controlled)' if lc else ''}")
+        ax.set(xlabel="mean output length (tokens)", ylabel=label)
+        ax.legend(fontsize=7)
+    return fig
+
+
 FIGURES: dict[str, Callable[[Sequence[Run], str], Any]] = {
+    "length_winrate": length_winrate,
     "plw_categories": plw_categories,
     "curves": curves,
     "loss_histograms": loss_histograms,

@@ -16,7 +16,7 @@ from im_repro.evaluate import suite as evaluate_suite
 from im_repro.config import StatsConfig
 from im_repro.report.collect import Run, dig, identity, number, one_line, read_json
 
-METHOD_ORDER = ("base", "chat", "it", "neftune", "kl", "im", "im_neftune")
+METHOD_ORDER = ("base", "chat", "it", "neftune", "kl", "im", "im_neftune", "dft", "im_dft")
 
 # ------------------------------------------------------------------------------------------ measures ----------
 
@@ -166,6 +166,143 @@ def paired(row: Items, ref: Items, settings: StatsConfig) -> stats.Difference:
                                         settings)
 
 
+class Cells(dict):
+    """A run's cells of a table whose columns come from the suites' own records: a column this run's suite lacks
+    says so."""
+
+    def __init__(self, cells: dict[str, Cell], why: str):
+        super().__init__(cells)
+        self.why = why
+
+    def __missing__(self, column: str) -> Cell:
+        return Cell(why=self.why.format(column=column))
+
+
+def suite_columns(runs: Sequence[Run], suite_name: str) -> tuple[Column, ...]:
+    """Every number the suite's benchmarks report in these runs (their headlines, then the rest), in suite order."""
+    keys: dict[str, None] = {}
+    for run in runs:
+        for entry in (read_json(run.path / "eval" / suite_name / "suite.json") or {}).get("benchmarks", {}).values():
+            keys |= dict.fromkeys([*entry["headlines"], *entry.get("more", [])])
+    return tuple(Column(key, key) for key in keys)
+
+
+def suite_cells(suite_name: str) -> Callable[[Run], dict[str, Cell]]:
+    """A run's numbers of suite `suite_name` (eval/<suite>/metrics.json), each under its metrics.json key."""
+
+    def measure(run: Run) -> dict[str, Cell]:
+        where = run.path / "eval" / suite_name
+        metrics, suite = read_json(where / "metrics.json"), read_json(where / "suite.json")
+        if metrics is None or suite is None:
+            return Cells({}, run.absent("eval", f"{suite_name}/metrics.json"))
+        cells = {key: metric_cell(metrics, suite, benchmark, key)
+                 for benchmark, entry in suite["benchmarks"].items()
+                 for key in [*entry["headlines"], *entry.get("more", [])]}
+        return Cells(cells, f"{{column}} is not in eval suite {suite_name!r} of this run")
+
+    return measure
+
+
+def suite_items(suite_name: str) -> Callable[[Run, StatsConfig], dict[str, Items | str]]:
+    """Per key of the suite: its per-item scores and standard error (or why there are none)."""
+
+    def found(run: Run, settings: StatsConfig) -> dict[str, Items | str]:
+        where = run.path / "eval" / suite_name
+        suite = read_json(where / "suite.json")
+        if suite is None:
+            return {}
+        out: dict[str, Items | str] = {}
+        for entry in suite["benchmarks"].values():
+            for key in [*entry["headlines"], *entry.get("more", [])]:
+                try:
+                    out[key] = Items({key: evaluate_suite.items(where, key)},
+                                     evaluate_suite.stderr(where, key, settings))
+                except (OSError, KeyError, ValueError) as e:
+                    out[key] = f"no per-item scores: {one_line(e, 200)}"
+        return out
+
+    return found
+
+
+LC, AE_WIN = "alpaca_eval_2.0/lc_win_rate", "alpaca_eval_2.0/win_rate"
+
+
+def run_tokenizer(run: Run):
+    """The tokenizer the run's outputs were generated with (its trained model's, else the one its eval used)."""
+    from transformers import AutoTokenizer
+
+    for folder in (run.path / "train" / "final", run.path / "eval" / "base_tokenizer"):
+        if (folder / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(folder)
+    path = dig(run.config, "eval.checkpoint") or dig(run.config, "model.tokenizer") or dig(run.config, "model.path")
+    gguf = dig(run.config, "model.tokenizer_gguf_file") or dig(run.config, "model.gguf_file")
+    return AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
+
+
+def output_tokens(run: Run) -> dict[str, dict[str, list[int]]]:
+    """{"alpaca_eval": {instruction: [tokens]}, "mt_bench": {question: [tokens of each turn]}} from the generations
+    the run's eval suite kept (no new generation), counted by the run's own tokenizer."""
+    from im_repro.common import read_jsonl
+
+    where, found = eval_dir(run), {}
+    tokenizer = run_tokenizer(run)
+    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    outputs = read_json(where / "alpaca_eval" / "model_outputs.json")
+    if outputs:
+        found["alpaca_eval"] = {o["instruction"]: [count(o["output"])] for o in outputs}
+    answers = sorted((where / "mt_bench" / "model_answer").glob("*.jsonl"))
+    if answers:
+        found["mt_bench"] = {str(a["question_id"]): [count(t) for t in a["choices"][0]["turns"]]
+                             for a in read_jsonl(answers[0])}
+    return found
+
+
+def length_cells(run: Run) -> dict[str, Cell]:
+    """The length question: output length in tokens on AlpacaEval and MT-Bench, and the win rates beside it."""
+    import numpy as np
+
+    cells = eval_cells(run)
+    where = eval_dir(run)
+    metrics = read_json(where / "metrics.json") or {}
+    suite = read_json(where / "suite.json") or {}
+    out = {"ae_win_rate": metric_cell(metrics, suite, "alpaca_eval", AE_WIN),
+           "ae_lc_win_rate": metric_cell(metrics, suite, "alpaca_eval", LC), "mt_bench": cells["mt_bench"]}
+    try:
+        tokens = output_tokens(run)
+    except (OSError, ValueError) as e:
+        tokens, why = {}, f"no tokenizer for the run's outputs: {one_line(e, 200)}"
+    else:
+        why = run.absent("eval", "alpaca_eval/model_outputs.json or mt_bench/model_answer/")
+    for prefix, name in (("ae", "alpaca_eval"), ("mt", "mt_bench")):
+        lengths = [n for per_item in tokens.get(name, {}).values() for n in per_item]
+        out[f"{prefix}_tokens_mean"] = Cell(float(np.mean(lengths))) if lengths else Cell(why=why)
+        out[f"{prefix}_tokens_median"] = Cell(float(np.median(lengths))) if lengths else Cell(why=why)
+    return out
+
+
+def length_items(run: Run, settings: StatsConfig) -> dict[str, Items | str]:
+    """Per item: its output tokens (an MT-Bench question's share of the mean over answers), its win and its
+    length-controlled win, for the paired intervals of IM minus IT."""
+    where = eval_dir(run)
+    found: dict[str, Items | str] = {}
+    for column, key in (("ae_win_rate", AE_WIN), ("ae_lc_win_rate", LC), ("mt_bench", "mt_bench/score")):
+        try:
+            found[column] = Items({key: evaluate_suite.items(where, key)}, evaluate_suite.stderr(where, key, settings))
+        except (OSError, KeyError, ValueError) as e:
+            found[column] = f"no per-item scores: {one_line(e, 200)}"
+    try:
+        tokens = output_tokens(run)
+    except (OSError, ValueError) as e:
+        return found | {c: f"no tokenizer: {one_line(e, 200)}" for c in ("ae_tokens_mean", "mt_tokens_mean")}
+    for prefix, name in (("ae", "alpaca_eval"), ("mt", "mt_bench")):
+        per_item = tokens.get(name, {})
+        total = sum(len(v) for v in per_item.values())
+        scores = {i: sum(v) * len(per_item) / total for i, v in per_item.items()} if total else {}
+        found[f"{prefix}_tokens_mean"] = (Items({name: scores}, stats.bootstrap_stderr(list(scores.values()), settings))
+                                          if len(scores) > 1 else f"{len(scores)} {name} outputs")
+    return found
+
+
 def stats_cells(run: Run) -> dict[str, Cell]:
     return json_cells(run, "prepare", "data_stats.json", {
         "size": "length_stats.size", "total": "length_stats.total", "output": "length_stats.output",
@@ -212,6 +349,7 @@ class TableSpec:
     select: Callable[[Mapping, str], bool] = every_run  # (identity, baseline) -> does the run belong here
     selects: str = "every run"  # `select` in words, for the reason a table is skipped
     items: Callable[[Run, StatsConfig], dict[str, Items | str]] | None = None  # per-item scores behind the columns
+    suite: str | None = None  # columns: every number eval suite <suite> reports in the runs (suite_columns)
 
 
 @dataclass(frozen=True)
@@ -262,6 +400,18 @@ TABLES: dict[str, TableSpec] = {
          Column("output_std", "Output std"), Column("instruction", "Instr."), Column("instruction_std", "Instr. std"),
          Column("output_per_instruction", "Out/Instr", 4), Column("instruction_per_output", "Instr/Out", 4)),
         stats_cells, paper="table5", paper_fixed={"fraction": 1.0}),
+    "modern": TableSpec(
+        "The modern suite (eval=modern): each benchmark's numbers as metrics.json keys them (README, The modern "
+        "suite: units, judges)", KEYS, (), suite_cells("modern"), reference=by_baseline, items=suite_items("modern"),
+        suite="modern"),
+    "length": TableSpec(
+        "The length question: output length (tokens of the run's own tokenizer) and win rates, AlpacaEval 2.0 raw and "
+        "length-controlled (%), MT-Bench (1-10)", KEYS,
+        (Column("ae_tokens_mean", "AE tokens (mean)", 1), Column("ae_tokens_median", "AE tokens (median)", 1),
+         Column("ae_win_rate", "AE 2.0 win"), Column("ae_lc_win_rate", "AE 2.0 LC win"),
+         Column("mt_tokens_mean", "MT tokens (mean)", 1), Column("mt_tokens_median", "MT tokens (median)", 1),
+         Column("mt_bench", "MT-Bench")),
+        length_cells, reference=by_baseline, items=length_items),
     "losses": TableSpec(
         "Figures 3, 8, 9: mean per-example output loss on the training set and the held-out set (nats)", KEYS,
         (Column("train_loss", "Train loss"), Column("test_loss", "Test loss")),
