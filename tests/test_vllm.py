@@ -145,7 +145,8 @@ HARNESS = textwrap.dedent("""
     from im_repro.evaluate import harness
     cfg = OmegaConf.create(json.loads(sys.argv[1]))
     lm = harness.load_lm(cfg, sys.argv[2], sys.argv[2])
-    print(json.dumps(harness.run(cfg, lm, ["arc_easy"], __import__("pathlib").Path(sys.argv[3]))))
+    metrics = harness.run(cfg, lm, ["arc_easy"], __import__("pathlib").Path(sys.argv[3]))
+    open(sys.argv[4], "w").write(json.dumps(metrics))  # not stdout: vLLM logs there, at its exit too
 """)
 
 
@@ -165,9 +166,10 @@ def test_lm_eval_vllm_and_hf_give_equal_loglikelihoods_on_arc_easy(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     settings = {"eval": OmegaConf.to_container(cfg.eval, resolve=True, enum_to_str=True)}
     proc = subprocess.run([VLLM_PYTHON, "-c", HARNESS, json.dumps(settings),
-                           str(MODEL), str(tmp_path / "vllm")], capture_output=True, text=True, env=env, timeout=1500)
+                           str(MODEL), str(tmp_path / "vllm"), str(tmp_path / "vllm.json")],
+                          capture_output=True, text=True, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    vllm = json.loads(proc.stdout.strip().splitlines()[-1])
+    vllm = json.loads((tmp_path / "vllm.json").read_text())
     want, got = loglikelihoods(tmp_path / "hf" / "arc_easy"), loglikelihoods(tmp_path / "vllm" / "arc_easy")
     assert len(want) >= 150 and got.keys() == want.keys()  # 40 questions x 3-5 choices
     worst = max(abs(got[k] - want[k]) for k in want)
