@@ -358,7 +358,6 @@ class AlpacaEval(Judged):
     """AlpacaEval 1.0 and 2.0 as one benchmark (one set of generations), a Table 1 column per version."""
 
     kind = "alpaca_eval"
-    judge_run = staticmethod(run)
 
     def entry(self, eval_cfg, name: str) -> dict:
         versions = list(eval_cfg.alpaca_eval.versions)
