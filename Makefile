@@ -66,10 +66,10 @@ else
 endif
 
 test: setup  ## run the default test suite (slow and SLURM tests excluded)
-	$(PY) -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not slurm" --durations=10 $(PYTEST_ARGS)
 
 test-slow: setup  ## run only the slow tests (SmolLM2 fine-tuning and evaluation, DeepSpeed on CPU)
-	$(PY) -m pytest -m "slow and not slurm" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "slow and not slurm" --durations=10 $(PYTEST_ARGS)
 
 test-slurm: setup  ## the real SLURM test: starts (as root) and stops a one-node local cluster if none answers
 	$(PY) -m pytest -m slurm -rs $(PYTEST_ARGS) tests/test_slurm.py

@@ -659,9 +659,14 @@ def validate(cfg, overrides: list[str] = ()) -> None:
         raise UserError(f"model={cfg.model.name} builds a random model from model.arch (model.init=random) and reads "
                         f"no weights from model.path={model_paths[0]}: to evaluate that checkpoint as it is, pass "
                         f"eval.checkpoint={model_paths[0]} (or a model config that loads it: model.init=pretrained)")
-    if cfg.eval.checkpoint and {"prepare", "train"} & set(cfg.stages):
-        raise UserError(f"eval.checkpoint={cfg.eval.checkpoint} scores a model as it is: stages prepare and train do "
+    checkpoint = cfg.eval.checkpoint
+    if checkpoint and {"prepare", "train"} & set(cfg.stages):
+        raise UserError(f"eval.checkpoint={checkpoint} scores a model as it is: stages prepare and train do "
                         f"not apply to it (stages={list(cfg.stages)}); pass stages=[eval] (or the analyses)")
+    if checkpoint and not Path(checkpoint).is_dir() and (checkpoint.startswith((".", "/", "~"))
+                                                         or checkpoint.count("/") > 1):
+        raise UserError(f"eval.checkpoint={checkpoint}: no such folder (and not a Hub id, which is name or "
+                        "namespace/name); a run's trained model is runs/<run>/train/final")
     for setting, path in (("data.path", cfg.data.path), ("analysis.heldout.path", cfg.analysis.heldout.path)):
         if path and not Path(path).is_file():
             raise UserError(f"{setting}={path}: no such file (a .json or .jsonl file of conversations)")

@@ -190,7 +190,7 @@ def test_a_dry_run_writes_nothing(tmp_path, monkeypatch, capsys):
     status, out = in_process(monkeypatch, capsys, "-m", "experiment=table1", "data=lima", "dry_run=true",
                              f"runs_dir={tmp_path / 'runs'}")
     assert status == 0 and "3 runs, 10 jobs" in out
-    assert not (tmp_path / "runs").exists()
+    assert not list((tmp_path / "runs").glob("*"))  # no run folder (Hydra may have made runs/ itself)
 
 
 def test_mistakes_are_messages_naming_the_fix(tmp_path, monkeypatch, capsys):
@@ -208,6 +208,14 @@ def test_mistakes_are_messages_naming_the_fix(tmp_path, monkeypatch, capsys):
         status, out = in_process(monkeypatch, capsys, "stages=[prepare]", *args)
         assert status != 0 and message in out and "Traceback" not in out, (args, out[-2000:])
         assert (tmp_path / "run").exists() != at_start  # else the manifest records the failed prepare
+
+
+def test_a_checkpoint_folder_that_is_not_there_is_a_message_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "runs" / "x" / "train" / "final"
+    status, out = in_process(monkeypatch, capsys, "stages=[eval]", f"eval.checkpoint={missing}",
+                             f"runs_dir={tmp_path / 'runs'}")
+    assert status != 0 and f"eval.checkpoint={missing}: no such folder" in out and "Traceback" not in out, out[-2000:]
+    assert not list((tmp_path / "runs").glob("*"))  # no run folder (Hydra may have made runs/ itself)
 
 
 def test_offline_download_names_the_local_copy_settings(tmp_path, monkeypatch, capsys):

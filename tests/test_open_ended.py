@@ -412,3 +412,17 @@ def test_local_smollm2_judge_full(tmp_path, tiny, smollm2_judge):
     metrics = mtbench.run(mt_cfg, gen, gen.tokenizer, "tulu", tmp_path / "mt", model_name="tiny", judge=judge)
     missing = json.loads((tmp_path / "mt" / "metrics.json").read_text())["missing"]
     check_local_judge_metrics(metrics, missing, "mt_bench", 4, "score", (1, 10))
+
+
+def test_alpaca_eval_version_without_its_references_offline_is_missing_and_the_others_are_judged(tmp_path, tiny,
+                                                                                                 monkeypatch):
+    """make demo offline: 1.0's references (text-davinci-003) are on the Hub only; 2.0's are a local file."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    cfg, gen = write_alpaca_files(tmp_path), generator(tiny)
+    del cfg.reference_outputs["1.0"]
+    metrics = alpaca.run(cfg, gen, gen.tokenizer, "tulu", tmp_path / "ae", model_name="tiny", judge=AlpacaFakeJudge())
+    assert metrics["alpaca_eval_2.0/win_rate"] == pytest.approx(65.0) and "alpaca_eval_1.0/win_rate" not in metrics
+    missing = json.loads((tmp_path / "ae" / "metrics.json").read_text())["missing"]
+    assert "could not be fetched" in missing["alpaca_eval_1.0/win_rate"]
+    assert "eval.alpaca_eval.reference_outputs.1.0=FILE" in missing["alpaca_eval_1.0/win_rate"]

@@ -74,13 +74,15 @@ def prompts(tokenizer, tmp_path_factory) -> dict[str, list[list[int]]]:
 
 
 STOP = tuple(HumanEvalConfig().stop)
+# enough tokens to tell engines apart (a doubled BOS changed token 6) and to reach HumanEval's stops, few enough for CI
+ALPACA_TOKENS, HUMANEVAL_TOKENS = 24, 48
 
 
 @pytest.fixture(scope="module")
 def greedy(hf, vllm, prompts) -> dict[str, dict[str, list[list[int]]]]:
     """Each engine's greedy tokens: AlpacaEval's path without stop sequences, HumanEval's with its five."""
-    settings = {"alpaca_eval": Sampling(max_new_tokens=48, eos=hf.eos),
-                "humaneval": Sampling(max_new_tokens=64, stop=STOP, eos=hf.eos)}
+    settings = {"alpaca_eval": Sampling(max_new_tokens=ALPACA_TOKENS, eos=hf.eos),
+                "humaneval": Sampling(max_new_tokens=HUMANEVAL_TOKENS, stop=STOP, eos=hf.eos)}
     return {path: {name: [row[0] for row in engine.complete(prompts[path], settings[path])]
                    for name, engine in (("hf", hf), ("vllm", vllm))} for path in settings}
 
@@ -96,7 +98,7 @@ def first_difference(a: list[list[int]], b: list[list[int]]) -> str:
 @pytest.mark.parametrize("path", ["alpaca_eval", "humaneval"])
 def test_greedy_tokens_equal_hf(greedy, prompts, path):
     want, got = greedy[path]["hf"], greedy[path]["vllm"]
-    assert len(prompts[path]) == 16 and sum(map(len, want)) > 16 * 8  # answers, not empty strings
+    assert len(prompts[path]) == 16 and sum(map(len, want)) > 16 * 4  # answers, not empty strings
     assert got == want, first_difference(got, want)
 
 
@@ -106,9 +108,10 @@ def test_the_checks_see_a_doubled_bos_and_a_dropped_stop(vllm, prompts, greedy, 
     alpaca_prompts = prompts["alpaca_eval"]
     assert all(p[0] == tokenizer.bos_token_id != p[1] for p in alpaca_prompts)  # one BOS, from the template
     doubled = [row[0] for row in vllm.complete([p[:1] + p for p in alpaca_prompts],
-                                               Sampling(max_new_tokens=48, eos=vllm.eos))]
+                                               Sampling(max_new_tokens=ALPACA_TOKENS, eos=vllm.eos))]
     assert first_difference(doubled, greedy["alpaca_eval"]["hf"])
-    unstopped = [row[0] for row in vllm.complete(prompts["humaneval"], Sampling(max_new_tokens=64, eos=vllm.eos))]
+    unstopped = [row[0] for row in vllm.complete(prompts["humaneval"],
+                                                 Sampling(max_new_tokens=HUMANEVAL_TOKENS, eos=vllm.eos))]
     assert first_difference(unstopped, greedy["humaneval"]["hf"])
 
 
@@ -121,8 +124,10 @@ def test_stop_sequences_cut_identically(hf, greedy):
     full = [hf.tokenizer.decode(ids) for ids in tokens["hf"]]
     cut = [i for i, text in enumerate(full) if any(stop in text for stop in STOP)]
     assert len(cut) >= 8, "too few completions reach a stop sequence to test where they are cut"
-    # a cut completion ended at its stop sequence, before the token limit, and its text is what came before it
-    assert all(len(tokens["hf"][i]) < 64 and full[i].startswith(texts["hf"][i]) for i in cut)
+    # a cut completion ended at its stop sequence, before the token limit, on both engines (an engine that ignored
+    # the stops would run on: its text, cut here afterwards, could still look right), and its text is what came before
+    assert all(len(tokens[name][i]) < HUMANEVAL_TOKENS for name in tokens for i in cut)
+    assert all(full[i].startswith(texts["hf"][i]) for i in cut)
 
 
 def test_sampled_completions_are_reproducible_from_the_seed(vllm, prompts):
@@ -157,7 +162,7 @@ def loglikelihoods(folder: Path) -> dict[tuple[int, int], float]:
 
 
 def test_lm_eval_vllm_and_hf_give_equal_loglikelihoods_on_arc_easy(tmp_path):
-    cfg = compose_with("model=smollm2", "method=base", "eval=tiny", "eval.dtype=float32", "eval.harness.limit=40",
+    cfg = compose_with("model=smollm2", "method=base", "eval=tiny", "eval.dtype=float32", "eval.harness.limit=10",
                        "eval.generation.gpu_memory_utilization=0.15", "+eval.generation.vllm_args.enforce_eager=true")
     hf = harness.run(cfg, harness.load_lm(cfg, str(MODEL), str(MODEL)), ["arc_easy"], tmp_path / "hf")
     cfg.eval.harness.backend = "vllm"
@@ -171,7 +176,7 @@ def test_lm_eval_vllm_and_hf_give_equal_loglikelihoods_on_arc_easy(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     vllm = json.loads((tmp_path / "vllm.json").read_text())
     want, got = loglikelihoods(tmp_path / "hf" / "arc_easy"), loglikelihoods(tmp_path / "vllm" / "arc_easy")
-    assert len(want) >= 150 and got.keys() == want.keys()  # 40 questions x 3-5 choices
+    assert len(want) >= 36 and got.keys() == want.keys()  # 10 questions x 3-5 choices
     worst = max(abs(got[k] - want[k]) for k in want)
     assert worst <= 1e-4, f"largest log-likelihood difference {worst:.2e}"
     assert vllm == hf

@@ -75,18 +75,41 @@ def load_prompts(cfg: AlpacaEvalConfig) -> list[dict]:
     return prompts[: cfg.limit] if cfg.limit is not None else prompts
 
 
+class ReferencesUnavailable(Exception):
+    """A version's official references cannot be fetched: its numbers are missing with this reason."""
+
+
 def load_references(cfg: AlpacaEvalConfig, version: str, instructions: set[str]) -> list[dict]:
     """The reference outputs of `version` for `instructions`: cfg.reference_outputs[version], else the Hub's."""
     path = cfg.reference_outputs.get(version)
     if path is None and version not in HUB_REFERENCES:
         raise ValueError(f"AlpacaEval version {version!r} has no default references: set reference_outputs.{version}")
-    rows = read_records(path) if path else hub_records(HUB_REFERENCES[version])
+    if path:
+        rows = read_records(path)
+    else:
+        try:
+            rows = hub_records(HUB_REFERENCES[version])
+        except OSError as e:  # offline, or the Hub unreachable: this version cannot be judged, the others can
+            raise ReferencesUnavailable(
+                f"its references ({HUB_REPO}/{HUB_REFERENCES[version]}) could not be fetched ({type(e).__name__}); "
+                f"a local copy: eval.alpaca_eval.reference_outputs.{version}=FILE") from e
     refs = [{**r, "generator": r.get("generator", "reference")} for r in rows if r["instruction"] in instructions]
     lacking = instructions - {r["instruction"] for r in refs}
     if lacking:
         raise ValueError(f"{path or HUB_REFERENCES[version]}: no reference output for {len(lacking)} instructions, "
                          f"e.g. {sorted(lacking)[0][:80]!r}")
     return refs
+
+
+def all_references(cfg: AlpacaEvalConfig, instructions: set[str]) -> tuple[dict, dict[str, str]]:
+    """({version: references}, {version: why its references are unavailable}) for every version of `cfg`."""
+    references, unavailable = {}, {}
+    for version in cfg.versions:
+        try:
+            references[version] = load_references(cfg, version, instructions)
+        except ReferencesUnavailable as e:
+            unavailable[version] = str(e)
+    return references, unavailable
 
 
 def served_annotator(annotator: str) -> tuple[str, dict, str]:
@@ -244,7 +267,7 @@ def run(cfg: AlpacaEvalConfig, generator, tokenizer, template: str, out_dir: Pat
     instructions = {p["instruction"] for p in prompts}
     # The GLM reads the annotations' order as the official one: alpaca_eval keeps the model outputs' order.
     # Config errors surface before hours of generation.
-    references = {v: load_references(cfg, v, instructions) for v in cfg.versions}
+    references, unavailable = all_references(cfg, instructions)
     annotators = {}
     for version in cfg.versions:
         if version not in cfg.annotators:
@@ -270,6 +293,9 @@ def run(cfg: AlpacaEvalConfig, generator, tokenizer, template: str, out_dir: Pat
         prefix = f"alpaca_eval_{version}"
         metrics[f"{prefix}/avg_length"] = avg_length
         vdir = out_dir / f"v{version}"
+        if version in unavailable:
+            missing.update({f"{prefix}/{m}": unavailable[version] for m in ("win_rate", "lc_win_rate")})
+            continue
         try:
             if judge is None and openai_judge is None:
                 judge = make_judge(cfg.judge)
@@ -332,7 +358,6 @@ class AlpacaEval(Judged):
     """AlpacaEval 1.0 and 2.0 as one benchmark (one set of generations), a Table 1 column per version."""
 
     kind = "alpaca_eval"
-    judge_run = staticmethod(run)
 
     def entry(self, eval_cfg, name: str) -> dict:
         versions = list(eval_cfg.alpaca_eval.versions)

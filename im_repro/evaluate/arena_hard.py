@@ -223,7 +223,6 @@ def items(judgment_file: Path, category: str) -> dict[str, float]:
 
 class ArenaHard(Judged):
     kind = "arena_hard"
-    judge_run = staticmethod(run)
 
     def entry(self, eval_cfg, name: str) -> dict:
         keys = [f"arena_hard/{c}" for c in eval_cfg.arena_hard.categories]

@@ -13,6 +13,7 @@ other numbers it reports that a suite's own table shows beside its headlines (`m
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -103,13 +104,14 @@ class Benchmark:
 
 
 class Judged(Benchmark):
-    """A benchmark whose answers a judge grades (AlpacaEval, MT-Bench, Arena-Hard): its module's `run` generates in
-    the model's chat format and asks the judge (`eval.<kind>.judge`, whose credentials cannot change a verdict)."""
+    """A benchmark whose answers a judge grades (AlpacaEval, MT-Bench, Arena-Hard): its module's `run(settings,
+    generator, tokenizer, template, out, *, model_name)` generates in the model's chat format and asks the judge
+    (`eval.<kind>.judge`, whose credentials cannot change a verdict)."""
 
     excluded = ("enabled", "category", "judge.api_key_env", "judge.max_retries")
     generates = True
-    judge_run = None  # the module's run(settings, generator, tokenizer, template, out, *, model_name)
 
     def evaluate(self, context: Context, settings, out: Path) -> dict[str, float]:
-        return type(self).judge_run(settings, context.generator, context.generator.tokenizer, context.template, out,
-                                    model_name=context.model_name)
+        run = sys.modules[type(self).__module__].run  # looked up per call: a test may replace the module's run
+        return run(settings, context.generator, context.generator.tokenizer, context.template, out,
+                   model_name=context.model_name)

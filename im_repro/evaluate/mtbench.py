@@ -207,7 +207,6 @@ def items(judgment_file: Path, turn: int | None = None) -> dict[str, float]:
 
 class MTBench(Judged):
     kind = "mt_bench"
-    judge_run = staticmethod(run)
 
     def entry(self, eval_cfg, name: str) -> dict:
         return {**super().entry(eval_cfg, name), "headlines": ["mt_bench/score"],
