@@ -171,13 +171,43 @@ def llama2(dest: Path) -> None:
 
 
 def template_ggufs(dest: Path) -> None:
-    """Tokenizer folders (with the chat template) saved from the vocab-only GGUFs, for fast loading in tests."""
+    """Tokenizer folders (with the chat template) saved from the vocab-only GGUFs, for fast loading in tests; each is
+    checked against its GGUF when it is made (converting a GGUF takes minutes: a test doing it again cost CI 10)."""
     from im_repro.model import tokenizer_from_pretrained
 
     for name, (gguf_name, _) in TEMPLATE_GGUFS.items():
         out = dest / "tokenizers" / name
         if not done(out / "tokenizer.json"):
-            tokenizer_from_pretrained(str(dest / "vocab"), gguf_name).save_pretrained(out)
+            original = tokenizer_from_pretrained(str(dest / "vocab"), gguf_name)
+            original.save_pretrained(out)
+            try:
+                check_conversion(f"tokenizers/{name}", original, tokenizer_from_pretrained(str(out)))
+            except ValueError:
+                shutil.rmtree(out)
+                raise
+
+
+# What a saved folder must do as the GGUF it came from does: a conversation with two turns each (chat template ids),
+# and a text of odd characters and a chat token (plain ids).
+CONVERSATION = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "  Bye \n"}, {"role": "assistant", "content": "\nCiao "}]
+ODD_TEXT = "Grüße, 世界! 🙂  tabs\tand\n\nnewlines <|im_end|>"
+
+
+def check_conversion(what: str, original, folder) -> None:
+    """Raise ValueError unless `folder` (a tokenizer loaded from the saved folder) has `original`'s chat template and
+    gives its ids."""
+    found = []
+    if folder.chat_template != original.chat_template:
+        found.append("its chat template differs")
+    for messages in (CONVERSATION[:2], CONVERSATION):
+        want, got = (list(t.apply_chat_template(messages, tokenize=True)["input_ids"]) for t in (original, folder))
+        if got != want:
+            found.append(f"{len(messages)} messages: ids {got[:8]}... vs {want[:8]}...")
+    if folder(ODD_TEXT)["input_ids"] != original(ODD_TEXT)["input_ids"]:
+        found.append(f"{ODD_TEXT!r}: other ids")
+    if found:
+        raise ValueError(f"{what}: the folder saved from the GGUF does not tokenize as the GGUF: {'; '.join(found)}")
 
 
 def npm_tokenizers(dest: Path) -> None:

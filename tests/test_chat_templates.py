@@ -326,20 +326,19 @@ def test_modern_experiment_plans_it_vs_im_on_two_presets_in_their_own_formats(tm
     assert not list(tmp_path.rglob("manifest.json"))  # nothing ran
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["qwen2", "qwen35", "phi3", "gemma4", "command_r"])
-def test_converted_folders_equal_the_gguf_tokenizers(tokenizers, name):
-    """make setup saves each vocab GGUF as a tokenizer folder (fast to load); both give the same ids and template."""
-    from scripts.fetch_artifacts import TEMPLATE_GGUFS
+def test_a_converted_folder_is_checked_against_its_gguf(tokenizers):
+    """make setup saves each vocab GGUF as a tokenizer folder (fast to load) and checks, as it does, that the folder
+    gives the GGUF's template and ids (scripts/fetch_artifacts.check_conversion): it refuses a different template or
+    vocabulary."""
+    import copy
 
-    from im_repro.model import tokenizer_from_pretrained
+    from scripts.fetch_artifacts import check_conversion
 
-    gguf = ARTIFACTS / "vocab" / TEMPLATE_GGUFS[name][0]
-    if not gguf.exists():
-        pytest.skip(f"{gguf} is absent: `make setup` could not extract it")
-    original, folder = tokenizer_from_pretrained(str(gguf.parent), gguf.name), tokenizers(name)
-    assert original.chat_template == folder.chat_template
-    for messages in (SINGLE, MULTI):
-        assert reference_ids(original, messages) == reference_ids(folder, messages)
-    text = "Grüße, 世界! 🙂  tabs\tand\n\nnewlines <|im_end|>"
-    assert original(text)["input_ids"] == folder(text)["input_ids"]
+    qwen2 = tokenizers("qwen2")
+    check_conversion("qwen2", qwen2, copy.deepcopy(qwen2))
+    other_template = copy.deepcopy(qwen2)
+    other_template.chat_template = qwen2.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    with pytest.raises(ValueError, match="qwen2: .*its chat template differs.*messages: ids"):
+        check_conversion("qwen2", qwen2, other_template)
+    with pytest.raises(ValueError, match="other ids"):
+        check_conversion("qwen2", qwen2, tokenizers("phi3"))
