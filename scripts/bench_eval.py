@@ -8,7 +8,7 @@ Greedy answers to held-out LIMA instructions in the Tulu training format, as tok
   hf batch 1      the HF engine one prompt at a time (no padding)
   hf static       the HF engine's static batches: length-sorted, --batch prompts each, left-padded
   hf continuous   the HF engine with transformers' continuous batching (`generate_batch`, paged attention), --batch
-                  requests at most in flight (eval.generation.hf_batching=continuous, the default)
+                  requests at most in flight (eval.generation.hf_batching=continuous)
   vllm            vLLM through the eval stage's engine (a worker process of --vllm-python; skipped without one)
 Tokens/s counts each answer's tokens up to its end (EOS or the limit). The HF rows run twice, interleaved, and keep
 their best time; vLLM's worker starts (and compiles, unless --vllm-eager) before its timed call. Each row also says

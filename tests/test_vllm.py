@@ -46,7 +46,9 @@ def hf(tokenizer):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
-    return Generator(HFEngine(model, tokenizer, batch_size=1), tokenizer, eos_ids(model.generation_config, tokenizer))
+    # static batches, as the eval stage generates (its tokens equalled one-prompt-at-a-time's on these 32 prompts)
+    engine = HFEngine(model, tokenizer, batch_size=16, continuous=False)
+    return Generator(engine, tokenizer, eos_ids(model.generation_config, tokenizer))
 
 
 @pytest.fixture(scope="module")

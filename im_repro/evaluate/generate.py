@@ -116,9 +116,9 @@ def until_eos(ids: list[int], eos: tuple[int, ...], pad: int | None = None) -> l
 
 
 class HFEngine:
-    """transformers in this process, on `model`: greedy requests without stop sequences through its continuous
-    batching (`continuous`: measured faster than static batches, with the same tokens; README, Benchmark), the rest
-    through `generate` in static batches."""
+    """transformers in this process, on `model`: `generate` in length-sorted static batches; with `continuous`,
+    greedy requests without stop sequences go through its continuous batching instead (the same tokens, measured
+    slower than static batches on CPU: README, Benchmark; eval.generation.hf_batching)."""
 
     chunk = 64  # prompts between two saves of a resumable generation
 
