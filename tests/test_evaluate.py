@@ -141,6 +141,21 @@ def test_missing_data_file_is_named(tmp_path):
         run_eval(tmp_path, "eval.only=[arc_easy]", "eval.harness.tasks.arc_easy.data_files={validation: /nope.arrow}")
 
 
+def test_an_offline_copy_setup_could_not_build_is_missing_with_its_reason(tmp_path):
+    """fetch_artifacts leaves an UNAVAILABLE note where a source could not be downloaded (BIG-bench's sdist, refused
+    with 403 on 2026-12-04): the task is listed missing with the note; a missing file without one stays an error."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "UNAVAILABLE").write_text("make setup could not download the source (HTTP Error 403: Forbidden)\n")
+    metrics = run_eval(tmp_path / "run", "eval.only=[arc_easy]",
+                       f"eval.harness.tasks.arc_easy.data_files={{validation: {copy}/validation.jsonl}}")
+    assert "arc_easy" not in metrics and "HTTP Error 403" in metrics["missing"]["arc_easy"]
+    (copy / "UNAVAILABLE").unlink()
+    with pytest.raises(FileNotFoundError, match="validation.jsonl does not exist"):
+        run_eval(tmp_path / "again", "eval.only=[arc_easy]",
+                 f"eval.harness.tasks.arc_easy.data_files={{validation: {copy}/validation.jsonl}}")
+
+
 @pytest.mark.slow
 def test_smoke_suite_with_smollm2(tmp_path):
     # every task on a few documents (the suite runs end to end on a real model); ARC-Easy on enough to beat chance

@@ -40,6 +40,16 @@ def local_files(name: str, spec) -> dict[str, str] | None:
     return present or None
 
 
+def unbuilt(name: str, spec) -> str | None:
+    """Why an offline copy `make setup` could not build is absent (the UNAVAILABLE note it leaves in the copy's
+    folder: its source could not be downloaded), or None. A missing file without that note stays an error."""
+    for path in (local_files(name, spec) or {}).values():
+        note = Path(path).parent / "UNAVAILABLE"
+        if not Path(path).exists() and note.exists():
+            return f"{path} is absent: {note.read_text().strip()}"
+    return None
+
+
 def local_task_yaml(name: str, spec, official_yaml: Path) -> dict:
     """The official task with its data read from `spec.data_files`; splits without a file are switched off."""
     files = local_files(name, spec)
@@ -200,6 +210,14 @@ def run(cfg, lm, names: list[str], out_dir: Path, done=None) -> dict[str, dict[s
 
     h = cfg.eval.harness
     tasks = {name: h.tasks[name] for name in names}
+    for name, reason in [(name, unbuilt(name, spec)) for name, spec in tasks.items()]:
+        if reason:
+            log.warning("lm-eval: %s: %s", name, reason)
+            (out_dir / name).mkdir(parents=True, exist_ok=True)
+            write_json(out_dir / name / "metrics.json", {"benchmark": name, "task": tasks.pop(name).task,
+                                                         "missing": reason})
+    if not tasks:
+        return {}
     offline_nltk_data()
     manager = task_manager(tasks, out_dir / "tasks")
     metrics = {}
