@@ -312,6 +312,7 @@ def test_prepare_writes_a_chat_template_dataset_offline(tmp_path):
     assert decoded_runs(tok, ds["input_ids"][1], ds["labels"][1]) == ["Be terse.", "2+2?", "4<|im_end|>"]
 
 
+@pytest.mark.slow  # 56 jobs' configs, each composed twice by Hydra's sweeper: 85 s, too long for `make test`
 def test_modern_experiment_plans_it_vs_im_on_two_presets_in_their_own_formats(tmp_path):
     from tests.conftest import compose_with
     from tests.test_launch import dry_run

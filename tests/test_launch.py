@@ -48,6 +48,7 @@ def test_table1_dry_run_lists_the_papers_jobs(tmp_path):
     assert float(rows["humaneval"][6]) < float(rows["humaneval"][5]) and rows["mmlu"][5] == rows["mmlu"][6]
 
 
+@pytest.mark.slow  # two dry runs of 37 jobs: 58 s, too long for `make test`
 def test_plw_dry_run_sweeps_the_prompt_loss_weight(tmp_path):
     lines = dry_run(tmp_path, "experiment=plw")
     jobs = [line.split() for line in lines[1:] if "__llama2_7b__" in line]
