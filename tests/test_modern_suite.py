@@ -239,7 +239,7 @@ def test_length_controlled_win_rate_equals_alpaca_eval(tmp_path, monkeypatch):
 
     from im_repro.config import AlpacaEvalConfig
     from im_repro.evaluate import alpaca
-    from im_repro.evaluate.generate import Generator
+    from im_repro.evaluate.generate import hf_generator
     from im_repro.model import tokenizer_from_pretrained
 
     official = ARTIFACTS / "benchmarks" / "alpaca_eval" / "alpaca_eval_gpt4_baseline.json"
@@ -249,7 +249,7 @@ def test_length_controlled_win_rate_equals_alpaca_eval(tmp_path, monkeypatch):
         model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=2, vocab_size=32000, initializer_range=0.2)).eval()
     tokenizer = tokenizer_from_pretrained(str(ARTIFACTS / "tokenizers" / "llama2"))
-    generator = Generator(model, tokenizer, batch_size=32)
+    generator = hf_generator(model, tokenizer, batch_size=32)
 
     offline = alpaca.run(cfg, generator, tokenizer, "tulu", tmp_path / "offline", model_name="tiny",
                          judge=LengthLovingJudge())  # no df_gamed.csv: missing, with the reason
