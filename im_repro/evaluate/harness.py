@@ -50,6 +50,13 @@ def unbuilt(name: str, spec) -> str | None:
     return None
 
 
+def missing(out: Path, name: str, task: str, reason: str) -> None:
+    """A benchmark with no numbers: its metrics.json says why (the suite lists it missing with that reason)."""
+    log.warning("lm-eval: %s: %s", name, reason)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", {"benchmark": name, "task": task, "missing": reason})
+
+
 def local_task_yaml(name: str, spec, official_yaml: Path) -> dict:
     """The official task with its data read from `spec.data_files`; splits without a file are switched off."""
     files = local_files(name, spec)
@@ -210,12 +217,10 @@ def run(cfg, lm, names: list[str], out_dir: Path, done=None) -> dict[str, dict[s
 
     h = cfg.eval.harness
     tasks = {name: h.tasks[name] for name in names}
-    for name, reason in [(name, unbuilt(name, spec)) for name, spec in tasks.items()]:
+    for name, spec in list(tasks.items()):
+        reason = unbuilt(name, spec)
         if reason:
-            log.warning("lm-eval: %s: %s", name, reason)
-            (out_dir / name).mkdir(parents=True, exist_ok=True)
-            write_json(out_dir / name / "metrics.json", {"benchmark": name, "task": tasks.pop(name).task,
-                                                         "missing": reason})
+            missing(out_dir / name, name, tasks.pop(name).task, reason)
     if not tasks:
         return {}
     offline_nltk_data()
@@ -234,10 +239,8 @@ def run(cfg, lm, names: list[str], out_dir: Path, done=None) -> dict[str, dict[s
                 gen_kwargs=spec.gen_kwargs, **seeds(cfg),
             )
         except ConnectionError as e:  # the Hub unreachable, or HF_DATASETS_OFFLINE=1 without a cached copy
-            reason = (f"lm-eval could not load {spec.task}'s official data ({e}); no offline copy of it is configured "
-                      f"(eval.harness.tasks.{name}.data_files)")
-            log.warning("lm-eval: %s: %s", name, reason)
-            write_json(out / "metrics.json", {"benchmark": name, "task": spec.task, "missing": reason})
+            missing(out, name, spec.task, f"lm-eval could not load {spec.task}'s official data ({e}); no offline copy "
+                                          f"of it is configured (eval.harness.tasks.{name}.data_files)")
             continue
         if results is None:  # a non-zero rank under data parallelism: rank 0 writes
             continue
