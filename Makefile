@@ -10,6 +10,10 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= true
 PYTEST_ARGS ?=
+# The suites run in pytest-xdist workers, one per core (at most 4: each may hold a model in memory); worksteal
+# rebalances when a long test ends a worker's share. PYTEST_WORKERS=0 runs them in one process.
+PYTEST_WORKERS ?= auto
+XDIST := -n $(PYTEST_WORKERS) --maxprocesses 4 --dist worksteal
 
 .PHONY: help setup demo test test-slow test-slurm test-bwrap test-vllm test-fresh test-all bench-prepare bench-train bench-loss bench-eval gpu-check gpu-wheels inspect-demo clean
 # LIMA for the demo and the benches: DATA=path/to/lima_data.jsonl (a local copy, e.g. on an offline machine), else
@@ -66,10 +70,10 @@ else
 endif
 
 test: setup  ## run the default test suite (slow and SLURM tests excluded)
-	$(PY) -m pytest -m "not slow and not slurm" --durations=10 $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not slurm" $(XDIST) --durations=10 $(PYTEST_ARGS)
 
 test-slow: setup  ## run only the slow tests (SmolLM2 fine-tuning and evaluation, DeepSpeed on CPU)
-	$(PY) -m pytest -m "slow and not slurm" --durations=10 $(PYTEST_ARGS)
+	$(PY) -m pytest -m "slow and not slurm" $(XDIST) --durations=10 $(PYTEST_ARGS)
 
 test-slurm: setup  ## the real SLURM test: starts (as root) and stops a one-node local cluster if none answers
 	$(PY) -m pytest -m slurm -rs $(PYTEST_ARGS) tests/test_slurm.py
@@ -98,7 +102,7 @@ test-vllm: setup $(VLLM_STAMP)  ## vLLM against the HF engine on SmolLM2 (tokens
 	IM_REPRO_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -m vllm -rs $(PYTEST_ARGS) tests/test_vllm.py
 
 test-all: setup  ## run every test except the SLURM one (make test-slurm)
-	$(PY) -m pytest -m "not slurm" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slurm" $(XDIST) $(PYTEST_ARGS)
 
 bench-prepare: setup  ## time masking against bare tokenization and the paper's prefix re-tokenization
 	$(PY) scripts/bench_prepare.py $(LIMA_ARG)

@@ -12,6 +12,11 @@ settings.register_profile("default", max_examples=50)
 settings.register_profile("thorough", max_examples=1000)  # HYPOTHESIS_PROFILE=thorough make test
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
+# `make test` runs the suite in pytest-xdist workers, one per core: each gets its share of the cores for torch's and
+# OpenMP's thread pools (and the subprocesses it starts), so the workers do not oversubscribe them.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
