@@ -57,7 +57,9 @@ def vllm(tokenizer, hf):
         pytest.fail(f"IM_REPRO_VLLM_PYTHON={VLLM_PYTHON} does not exist: run `make test-vllm`")
     engine = VLLMEngine(str(MODEL), str(MODEL), dtype="float32", python=VLLM_PYTHON, seed=0, **VLLM_ARGS)
     yield Generator(engine, tokenizer, hf.eos)
+    worker = engine.process
     engine.close()
+    assert worker.returncode == 0, f"the vLLM worker exited with status {worker.returncode} (its log is above)"
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +156,7 @@ HARNESS = textwrap.dedent("""
     lm = harness.load_lm(cfg, sys.argv[2], sys.argv[2])
     metrics = harness.run(cfg, lm, ["arc_easy"], __import__("pathlib").Path(sys.argv[3]))
     open(sys.argv[4], "w").write(json.dumps(metrics))  # not stdout: vLLM logs there, at its exit too
+    harness.release(lm)  # as the eval stage does: without it, this process exited 134 in 5 runs of 12
 """)
 
 

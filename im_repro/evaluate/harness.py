@@ -150,6 +150,15 @@ def load_lm(cfg, checkpoint: str, tokenizer_path: str):
     return get_model(h.backend).create_from_arg_obj(args)
 
 
+def release(lm) -> None:
+    """Let go of `load_lm`'s model; a vLLM engine is shut down first, its output thread joined (why: vllm_worker)."""
+    llm = getattr(lm, "model", None)
+    if hasattr(llm, "llm_engine"):
+        from im_repro.evaluate.vllm_worker import shutdown
+
+        shutdown(llm)
+
+
 def lm_eval_name(name: str, spec) -> str:
     """What lm-eval calls the benchmark: the official task, or our local copy of it (named as the benchmark)."""
     return f"{name}_local" if local_files(name, spec) else spec.task

@@ -92,6 +92,7 @@ def run(job: Job) -> None:
         names = [n for n in todo if chosen[n]["kind"] == kind]
         if names and (benchmark.all_ranks or is_main()):
             found |= benchmark.run(context, names)
+    release(lm)
     if not is_main():  # generation runs in one process; lm-eval alone is data parallel
         return
     for name in set(chosen) - set(todo):  # finished under their keys by an earlier command
@@ -113,7 +114,7 @@ def generator(context: Context) -> Generator:
     cfg = context.cfg
     held = context.lm.cache_info().currsize and hasattr(context.lm(), "model")
     if engine(cfg.eval.generation)["backend"] == "vllm":
-        context.lm.cache_clear()
+        release(context.lm)
         gc.collect()
         torch.cuda.empty_cache()
     elif held:
@@ -123,6 +124,13 @@ def generator(context: Context) -> Generator:
     return make_generator(cfg.eval.generation, context.model_path, context.tokenizer_path, dtype=cfg.eval.dtype,
                           seed=cfg.seed,
                           load_hf=lambda: load_inference(context.model_path, context.tokenizer_path, cfg.eval.dtype))
+
+
+def release(lm) -> None:
+    """Free the suite's lm-eval model (`lm`: its cached loader), if it was loaded."""
+    if lm.cache_info().currsize:
+        harness.release(lm())
+    lm.cache_clear()
 
 
 def missing_reasons(chosen: dict, metrics: dict, out: Path) -> dict[str, str]:
