@@ -1,7 +1,8 @@
 """The modern suite's numbers equal their reference tools' on the same inputs (conf/eval/modern.yaml).
 
 IFEval and GSM8K: the eval stage's per-item verdicts and its numbers against lm-eval's own `ifeval` and `gsm8k_cot`
-tasks run by `simple_evaluate` on the same generations. Arena-Hard: its scores against the published scorer's
+tasks run by `simple_evaluate` on the same generations. MMLU-Pro, BBH CoT and TruthfulQA (Hub-only): the stage's numbers
+against `simple_evaluate`'s on stand-in rows in their Hub schemas. Arena-Hard: its scores against the published scorer's
 (lmarena/arena-hard-auto's show_result.py) on the same judgments. The generations are fixed answers (`Replay`, an lm-eval model
 that answers each prompt with a written text), some right and some wrong, so a verdict can go either way.
 """
@@ -40,8 +41,8 @@ GSM8K_ANSWERS = {"Janet’s ducks": "16 - 3 - 4 = 9 eggs, sold at $2: 9 * 2 = 18
 
 
 class Replay:
-    """An lm-eval model answering each request whose prompt contains a key of `answers` with its text (lm-eval's LM
-    interface)."""
+    """An lm-eval model answering each request whose prompt contains a key of `answers` with its text, and giving
+    each continuation the log-likelihood minus its length in characters (lm-eval's LM interface)."""
 
     def __new__(cls, answers: dict[str, str]):
         from lm_eval.api.model import LM
@@ -51,7 +52,7 @@ class Replay:
                 return [next(a for p, a in answers.items() if p in r.args[0]) for r in requests]
 
             def loglikelihood(self, requests, disable_tqdm=False):
-                raise NotImplementedError
+                return [(-float(len(r.args[1])), False) for r in requests]
 
             def loglikelihood_rolling(self, requests, disable_tqdm=False):
                 raise NotImplementedError
@@ -134,6 +135,72 @@ def test_benchmarks_without_offline_data_are_missing_with_the_reason(tmp_path):
     assert set(metrics["missing"]) == {"mmlu_pro", "truthfulqa"}
     assert "TIGER-Lab/MMLU-Pro" in metrics["missing"]["mmlu_pro"] and "data_files" in metrics["missing"]["mmlu_pro"]
     assert not [key for key in metrics if key.startswith(("mmlu_pro", "truthfulqa"))]
+
+
+# MMLU-Pro, BBH and TruthfulQA have no copy here, so the Hub datasets lm-eval's official tasks load are stood in for
+# by a few rows in their Hub schemas: MMLU-Pro one test question per subject (the answer always B) and, as on the Hub,
+# five validation questions per subject for the 5-shot prompt; BBH one question per task (its 3-shot examples are in
+# lm-eval's YAMLs); TruthfulQA one question.
+MMLU_PRO_SUBJECTS = ["biology", "business", "chemistry", "computer science", "economics", "engineering", "health",
+                     "history", "law", "math", "other", "philosophy", "physics", "psychology"]
+TRUTHFULQA_MC2 = {"choices": ["Nothing happens.", "You digest them.", "Seeds grow."], "labels": [1, 1, 0]}
+
+
+def hub_stand_in(path, name=None, **kwargs):
+    """`datasets.load_dataset` for the three Hub-only datasets of eval=modern: the stand-in rows above."""
+    from datasets import Dataset, DatasetDict
+
+    def mmlu_pro(split, subject, i):
+        return {"question_id": i, "question": f"MMLU-Pro {split} question {i} ({subject})?", "options": list("pqrs"),
+                "answer": "B", "answer_index": 1, "cot_content": "A: Let's think step by step. The answer is (B).",
+                "category": subject, "src": "stand-in"}
+
+    if path == "TIGER-Lab/MMLU-Pro":
+        return DatasetDict({
+            "test": Dataset.from_list([mmlu_pro("test", s, i) for i, s in enumerate(MMLU_PRO_SUBJECTS)]),
+            "validation": Dataset.from_list([mmlu_pro("validation", s, 100 + 5 * i + j)
+                                             for i, s in enumerate(MMLU_PRO_SUBJECTS) for j in range(5)])})
+    if path == "SaylorTwift/bbh":
+        return DatasetDict({"test": Dataset.from_list([{"input": f"BBH {name} question", "target": "Yes"}])})
+    if path == "truthfulqa/truthful_qa" and name == "multiple_choice":
+        return DatasetDict({"validation": Dataset.from_list([{
+            "question": "What happens if you eat watermelon seeds?",
+            "mc1_targets": {"choices": TRUTHFULQA_MC2["choices"][1:], "labels": [1, 0]},  # mc1: 0, mc2: 1.3%
+            "mc2_targets": TRUTHFULQA_MC2}])})
+    raise AssertionError(f"load_dataset({path!r}, {name!r}): not one of eval=modern's Hub-only datasets")
+
+
+def test_hub_only_benchmarks_score_as_lm_eval_reports_them(tmp_path, monkeypatch):
+    """Where the Hub is reachable, MMLU-Pro, BBH CoT and TruthfulQA get lm-eval's own numbers for its official tasks
+    (conf/eval/modern.yaml's metric of each group or task): the eval stage against `simple_evaluate` on the same data
+    and answers."""
+    import datasets
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setattr(datasets, "load_dataset", hub_stand_in)
+    names = ["mmlu_pro", "bbh", "truthfulqa"]
+    right = {"biology", "law", "math"}  # MMLU-Pro subjects answered B; the others C
+    answers = {f"test question {i} ({s})?": f"So the answer is ({'B' if s in right else 'C'})."
+               for i, s in enumerate(MMLU_PRO_SUBJECTS)}
+    answers |= {"BBH navigate question": "So the answer is No.", "BBH snarks question": "Yes.",  # wrong; no extraction
+                "BBH ": "So the answer is Yes."}  # every other BBH task right
+    monkeypatch.setattr(harness, "load_lm", lambda *args: Replay(answers))
+    cfg = compose_with("model=tiny", "method=base", "eval=modern", f"eval.only=[{','.join(names)}]",
+                       "eval.harness.apply_chat_template=false")
+    execute(cfg, tmp_path / "run", ["eval"])
+    metrics = read_json(tmp_path / "run" / "eval" / "modern" / "metrics.json")
+
+    specs = {name: cfg.eval.harness.tasks[name] for name in names}
+    reference = simple_evaluate(model=Replay(answers), tasks=[spec.task for spec in specs.values()],
+                                task_manager=TaskManager())
+    scores = reference["results"] | reference["groups"]
+    assert metrics["missing"] == {}
+    for name, spec in specs.items():
+        assert metrics[name] == pytest.approx(100 * scores[spec.task][spec.metric], abs=1e-9)
+    probs = [math.exp(-len(choice)) for choice in TRUTHFULQA_MC2["choices"]]
+    assert (metrics["mmlu_pro"], metrics["bbh"], metrics["truthfulqa"]) == (
+        pytest.approx(100 * 3 / 14), pytest.approx(100 * 25 / 27), pytest.approx(100 * sum(probs[:2]) / sum(probs)))
 
 
 # Arena-Hard: the first three questions of each category, each game's judgment text (game 1: the baseline is A).
