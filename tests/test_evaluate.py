@@ -46,6 +46,30 @@ def test_paper_suites_name_real_lm_eval_tasks(suite):
     assert {"humaneval", "alpaca_eval", "mt_bench"} <= set(benchmarks)
 
 
+def declared_metrics(task: str) -> set[str]:
+    """The "metric,filter" keys lm-eval's official `task` reports, read from its YAMLs: a task's metric_list under each
+    of its filters ("none" without any), a group's aggregate_metric_list, and for a tag what every member reports."""
+    entry = harness.official_tasks()[task]
+    if entry.yaml_path is None:  # a tag
+        members = [e.name for e in harness.official_tasks().values() if task in (e.tags or ())]
+        return set.intersection(*map(declared_metrics, members))
+    config = harness.official_config(Path(entry.yaml_path))
+    if config.get("aggregate_metric_list"):
+        return {f"{m['metric']},{m.get('filter_list', 'none')}" for m in config["aggregate_metric_list"]}
+    filters = [f["name"] for f in config.get("filter_list") or []] or ["none"]
+    return {f"{m['metric']},{f}" for m in config.get("metric_list", []) for f in filters}
+
+
+@pytest.mark.parametrize("suite", sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "eval").glob("*.yaml")))
+def test_every_configured_metric_is_one_the_official_task_reports(suite):
+    """Most of these tasks read the Hub, so no run here can show that lm-eval reports the metric a suite names; a
+    wrong name would fail only after a benchmark had run on a GPU (harness.score's KeyError)."""
+    tasks = compose_with(f"eval={suite}").eval.harness.tasks
+    wrong = {name: (metric, sorted(declared_metrics(spec.task))) for name, spec in tasks.items()
+             for metric in [spec.metric, *spec.extra_metrics] if metric not in declared_metrics(spec.task)}
+    assert not wrong
+
+
 def test_code_and_text_variants_differ_where_the_paper_does():
     code, text = (compose_with(f"eval={s}").eval.harness.tasks for s in ("paper", "paper_text"))
     assert (code.bbh.task, code.bbh.num_fewshot) == ("bbh_cot_fewshot", None)
