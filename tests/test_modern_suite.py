@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -269,6 +270,117 @@ def test_arena_hard_official_scorer_live(arena_run):
     (judgments,) = (arena_run / "arena_hard" / "model_judgment").glob("*/*.jsonl")
     live = official_battles(Path(os.environ["ARENA_HARD_AUTO"]), judgments)
     assert live == json.loads(ARENA_OFFICIAL.read_text())["categories"]
+
+
+# Arena-Hard's style control: twelve questions of each category, answers whose length and markdown vary, verdicts
+# from each question's uid, so every style feature varies over the battles and the fit is the official scorer's case.
+ARENA_STYLE_OFFICIAL = Path(__file__).parent / "data" / "arena_hard_style_official.json"
+LABELS = ["[[A>B]]", "[[B>A]]", "[[A=B]]", "[[B>>A]]", "[[A>>B]]", "[[A<<B]]", "no verdict"]
+
+
+def styled_answer(i: int) -> str:
+    """The i-th answer: its words, headers, list items, bold spans and a code block (whose inside is not counted)."""
+    return "".join(["# Answer\n" * (i % 3 == 0), "## Detail\n" * (i % 4 == 1), "**Key** point. " * (i % 4),
+                    "- item\n" * (i % 5), "1. step\n" * (i % 2), "```\n# comment\n- not a list\n```\n" * (i % 3 == 2),
+                    "word " * (4 + 9 * i)])
+
+
+class StyledGenerator:
+    """`Generator.generate`'s signature: the i-th question's answer is styled_answer(i)."""
+
+    def __init__(self, prompts: list[str]):
+        self.prompts = prompts
+
+    def generate(self, prompts, *, max_new_tokens, **kwargs):
+        return [[styled_answer(next(i for i, q in enumerate(self.prompts) if q.strip() in text))] for text, _ in prompts]
+
+
+class UidJudge(Judge):
+    """Each game's verdict from its question's text and the game's number: LABELS, "no verdict" included."""
+
+    def __init__(self):
+        super().__init__("uid-judge")
+        self.seen = defaultdict(int)
+
+    def complete(self, prompts, max_new_tokens):
+        out = []
+        for messages in prompts:
+            question = messages[1]["content"].split("<|The Start of Assistant A's Answer|>")[0]
+            out.append(LABELS[(zlib.crc32(question.encode()) + self.seen[question]) % len(LABELS)])
+            self.seen[question] += 1
+        return out
+
+
+def styled_run(out: Path, limit: int) -> dict:
+    """arena_hard.run with StyledGenerator and UidJudge on `limit` questions of each category: its metrics.json."""
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from im_repro.config import ArenaHardConfig
+
+    cfg = OmegaConf.structured(ArenaHardConfig(enabled=True, data_dir=str(ARTIFACTS / "benchmarks" / "arena_hard_v2"),
+                                               limit=limit))
+    prompts = [q["prompt"] for q in arena_hard.questions(cfg, out)]
+    arena_hard.run(cfg, StyledGenerator(prompts), AutoTokenizer.from_pretrained(ARTIFACTS / "tokenizers" / "gpt2"),
+                   "tulu", out, model_name="styled", judge=UidJudge())
+    return read_json(out / "metrics.json")
+
+
+@pytest.fixture(scope="module")
+def arena_style_run(tmp_path_factory):
+    """Twelve questions of each category (styled_run)."""
+    out = tmp_path_factory.mktemp("arena_style")
+    styled_run(out, 12)
+    return out
+
+
+def test_style_control_without_gpt4o_tokens_is_missing_with_the_reason(tmp_path, monkeypatch):
+    def offline():
+        raise ConnectionError("no route to openaipublic.blob.core.windows.net")
+
+    monkeypatch.setattr(arena_hard, "gpt4o_encoding", offline)
+    metrics = styled_run(tmp_path, 2)
+    assert "arena_hard/hard_prompt" in metrics["metrics"]  # the plain score stands
+    assert not [key for key in metrics["metrics"] if key.endswith("style_controlled")]
+    assert set(metrics["missing"]) == {"arena_hard/hard_prompt/style_controlled",
+                                       "arena_hard/creative_writing/style_controlled"}
+    assert "o200k_base: ConnectionError: no route" in metrics["missing"]["arena_hard/hard_prompt/style_controlled"]
+
+
+def test_arena_hard_style_control_equals_the_official_scorer(arena_style_run):
+    """Our answers' metadata, and the style-controlled scores, against the published code's (tests/data/
+    arena_hard_style_official.json: scripts/arena_hard_reference.py on this test's judgments and answers)."""
+    official = json.loads(ARENA_STYLE_OFFICIAL.read_text())["categories"]
+    metrics = read_json(arena_style_run / "metrics.json")
+    assert metrics["missing"] == {}
+    for category, ref in official.items():
+        assert metrics["metrics"][f"arena_hard/{category}"] == pytest.approx(ref["score"], abs=1e-9)
+        assert metrics["metrics"][f"arena_hard/{category}/style_controlled"] == pytest.approx(
+            ref["style_controlled"], abs=1e-4)
+    # style control moves the number: these answers are scored apart from their length and markdown
+    assert metrics["metrics"]["arena_hard/hard_prompt/style_controlled"] != pytest.approx(
+        metrics["metrics"]["arena_hard/hard_prompt"], abs=1)
+
+
+def test_style_metadata_equals_the_official_files():
+    """utils/add_markdown_info.py's metadata, as the repository's baseline answer files carry it (1,498 answers:
+    gpt-4o tokens and markdown counts), from our style_metadata on the same answers."""
+    folder = ARTIFACTS / "benchmarks" / "arena_hard_v2" / "model_answer"
+    for baseline in sorted(folder.glob("*.jsonl")):
+        for row in read_jsonl(baseline):
+            assert arena_hard.style_metadata(arena_hard.answer_text(row)) == row["metadata"], (baseline.name, row["uid"])
+
+
+def test_arena_hard_style_control_live(arena_style_run):
+    """The stored style reference is still what the published code makes of this run's judgments and answers."""
+    if not os.environ.get("ARENA_HARD_AUTO"):
+        pytest.skip("ARENA_HARD_AUTO (a checkout of lmarena/arena-hard-auto at 196f6b8) is not set")
+    from scripts.arena_hard_reference import official_battles
+
+    (judgments,) = (arena_style_run / "model_judgment").glob("*/*.jsonl")
+    live = official_battles(Path(os.environ["ARENA_HARD_AUTO"]), judgments,
+                            arena_style_run / "model_answer" / "styled.jsonl")
+    assert live == json.loads(ARENA_STYLE_OFFICIAL.read_text())["categories"]
 
 
 class LengthLovingJudge(Judge):
